@@ -1,0 +1,27 @@
+"""Privacy accounting over Opacus' RDP, PRV and GDP accountants, calibration, and the ledger."""
+
+from dpfl.accountants.calibrate import Calibration, calibrate_noise
+from dpfl.accountants.epsilon import (
+    ACCOUNTANTS,
+    BOUNDING_ACCOUNTANTS,
+    compute_epsilon,
+    create_opacus_accountant,
+)
+from dpfl.accountants.ledger import MECHANISMS, PrivacyEvent, PrivacyLedger
+from dpfl.accountants.phases import Phase, merge_phases, phases_from_records, steps_for_epochs
+
+__all__ = [
+    "ACCOUNTANTS",
+    "BOUNDING_ACCOUNTANTS",
+    "MECHANISMS",
+    "Calibration",
+    "Phase",
+    "PrivacyEvent",
+    "PrivacyLedger",
+    "calibrate_noise",
+    "compute_epsilon",
+    "create_opacus_accountant",
+    "merge_phases",
+    "phases_from_records",
+    "steps_for_epochs",
+]

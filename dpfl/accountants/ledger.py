@@ -1,0 +1,225 @@
+"""The privacy ledger: every noisy release, per participant, persisted before it is used.
+
+A participant is whoever a DP guarantee is about: ``"central"`` for centralized training,
+``"client-7"`` for sample-level DP on client 7 (its records are protected by its own accountant
+across all rounds), ``"server"`` for user-level DP-FedAvg. Each participant has one history of
+phases that only grows; it is never recreated per round.
+
+:meth:`PrivacyLedger.record` is the one place a release is admitted:
+
+1. the epsilon after the release is computed on a copy of the history (dry run, fresh accountant);
+2. if a budget is set and that epsilon would exceed it, :class:`PrivacyBudgetError` is raised and
+   nothing is recorded: the caller must not release;
+3. the event is handed to the sink (the run store writes it in a committed transaction);
+4. only then is the in-memory history extended, and the event returned.
+
+So a crash between 3 and the release overstates, never understates, the privacy spent, and a
+resumed run rebuilt with :meth:`PrivacyLedger.from_events` continues from the recorded spend.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from dpfl.accountants.epsilon import ACCOUNTANTS, BOUNDING_ACCOUNTANTS, compute_epsilon
+from dpfl.accountants.phases import Phase, merge_phases
+from dpfl.errors import ConfigError, PrivacyBudgetError
+from dpfl.validation import check_delta, check_epsilon
+
+__all__ = ["MECHANISMS", "PrivacyEvent", "PrivacyLedger"]
+
+#: Mechanisms the accountants compose. Each event is ``steps`` releases of it.
+MECHANISMS = ("subsampled-gaussian",)
+
+
+@dataclass(frozen=True)
+class PrivacyEvent:
+    """One ledger entry: ``steps`` releases by ``participant`` and the epsilon spent after them."""
+
+    seq: int
+    participant: str
+    mechanism: str
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    accountant: str
+    delta: float
+    epsilon_after: float
+    round: int | None = None
+    note: str | None = None
+
+    def phase(self) -> Phase:
+        return Phase(self.noise_multiplier, self.sample_rate, self.steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+Sink = Callable[[PrivacyEvent], None]
+
+
+class PrivacyLedger:
+    """Per-participant privacy histories with optional budget enforcement.
+
+    Args:
+        accountant: ``rdp`` or ``prv`` to enforce a budget; ``gdp`` only for reporting.
+        delta: the delta every epsilon is reported at.
+        target_epsilon: optional budget per participant; releases that would exceed it are refused.
+        sink: called with each event before it takes effect
+            (e.g. ``RunHandle.record_privacy_event``).
+    """
+
+    def __init__(
+        self,
+        accountant: str = "rdp",
+        delta: float = 1e-5,
+        *,
+        target_epsilon: float | None = None,
+        sink: Sink | None = None,
+    ) -> None:
+        ACCOUNTANTS.get(accountant)
+        check_delta("delta", delta)
+        if target_epsilon is not None:
+            check_epsilon("target epsilon", target_epsilon)
+            if accountant not in BOUNDING_ACCOUNTANTS:
+                raise ConfigError(
+                    f"a privacy budget needs an accountant that bounds epsilon "
+                    f"({', '.join(BOUNDING_ACCOUNTANTS)}); {accountant} can underestimate it"
+                )
+        self.accountant = accountant
+        self.delta = delta
+        self.target_epsilon = target_epsilon
+        self._sink = sink
+        self._histories: dict[str, list[Phase]] = {}
+        self._epsilons: dict[str, float] = {}
+        self._events: list[PrivacyEvent] = []
+
+    # -- recording ------------------------------------------------------------------------------
+    def epsilon_if(self, participant: str, phase: Phase) -> float:
+        """Epsilon of ``participant`` if ``phase`` were released next (dry run)."""
+        return compute_epsilon([*self.history(participant), phase], self.delta, self.accountant)
+
+    def can_afford(self, participant: str, phase: Phase) -> bool:
+        """Whether releasing ``phase`` keeps ``participant`` within the budget (True if none)."""
+        return (
+            self.target_epsilon is None
+            or self.epsilon_if(participant, phase) <= self.target_epsilon
+        )
+
+    def record(
+        self,
+        participant: str,
+        noise_multiplier: float,
+        sample_rate: float,
+        steps: int = 1,
+        *,
+        mechanism: str = "subsampled-gaussian",
+        round: int | None = None,
+        note: str | None = None,
+    ) -> PrivacyEvent:
+        """Admits ``steps`` releases by ``participant`` (see the module docstring for the order).
+
+        Raises:
+            PrivacyBudgetError: the releases would exceed ``target_epsilon``; nothing recorded.
+        """
+        if not isinstance(participant, str) or not participant:
+            raise ConfigError(f"participant must be a non-empty string, got {participant!r}")
+        if mechanism not in MECHANISMS:
+            raise ConfigError(f"unknown mechanism {mechanism!r}; valid: {', '.join(MECHANISMS)}")
+        phase = Phase(noise_multiplier, sample_rate, steps)
+        eps_after = self.epsilon_if(participant, phase)
+        if self.target_epsilon is not None and eps_after > self.target_epsilon:
+            raise PrivacyBudgetError(
+                f"{participant}: {steps} more step(s) at noise multiplier {noise_multiplier:g}, "
+                f"q={sample_rate:g} would spend epsilon {eps_after:.4g} > budget "
+                f"{self.target_epsilon:g} (spent so far {self.epsilon(participant):.4g})"
+            )
+        event = PrivacyEvent(
+            seq=len(self._events),
+            participant=participant,
+            mechanism=mechanism,
+            noise_multiplier=phase.noise_multiplier,
+            sample_rate=phase.sample_rate,
+            steps=phase.steps,
+            accountant=self.accountant,
+            delta=self.delta,
+            epsilon_after=eps_after,
+            round=round,
+            note=note,
+        )
+        if self._sink is not None:
+            self._sink(event)
+        self._commit(event)
+        return event
+
+    def _commit(self, event: PrivacyEvent) -> None:
+        history = self._histories.setdefault(event.participant, [])
+        history[:] = merge_phases([*history, event.phase()])
+        self._epsilons[event.participant] = event.epsilon_after
+        self._events.append(event)
+
+    # -- reading --------------------------------------------------------------------------------
+    def history(self, participant: str) -> list[Phase]:
+        return list(self._histories.get(participant, ()))
+
+    def epsilon(self, participant: str) -> float:
+        """Epsilon spent by ``participant`` so far (0 if it never released)."""
+        if participant not in self._epsilons:
+            return 0.0
+        return self._epsilons[participant]
+
+    def spent(self) -> dict[str, float]:
+        """Epsilon per participant."""
+        return dict(self._epsilons)
+
+    def max_epsilon(self) -> float:
+        return max(self._epsilons.values(), default=0.0)
+
+    @property
+    def events(self) -> list[PrivacyEvent]:
+        return list(self._events)
+
+    @property
+    def participants(self) -> list[str]:
+        return sorted(self._histories)
+
+    # -- restoring ------------------------------------------------------------------------------
+    @classmethod
+    def from_events(
+        cls,
+        events: Iterable[PrivacyEvent | Mapping[str, Any]],
+        accountant: str = "rdp",
+        delta: float = 1e-5,
+        *,
+        target_epsilon: float | None = None,
+        sink: Sink | None = None,
+    ) -> PrivacyLedger:
+        """Rebuilds a ledger from recorded events (e.g. a resumed run's store rows).
+
+        Epsilons are recomputed from the histories with this ledger's accountant and delta, so a
+        ledger restored with another accountant reports consistently.
+        """
+        ledger = cls(accountant, delta, target_epsilon=target_epsilon, sink=sink)
+        for raw in sorted(
+            (e if isinstance(e, PrivacyEvent) else _event_from_mapping(e) for e in events),
+            key=lambda e: e.seq,
+        ):
+            ledger._histories.setdefault(raw.participant, [])
+            ledger._histories[raw.participant] = merge_phases(
+                [*ledger._histories[raw.participant], raw.phase()]
+            )
+            ledger._events.append(raw)
+        for participant, history in ledger._histories.items():
+            ledger._epsilons[participant] = compute_epsilon(history, delta, accountant)
+        return ledger
+
+
+def _event_from_mapping(row: Mapping[str, Any]) -> PrivacyEvent:
+    fields = PrivacyEvent.__dataclass_fields__
+    kwargs = {k: row[k] for k in fields if k in row}
+    eps = kwargs.get("epsilon_after")
+    kwargs["epsilon_after"] = math.inf if eps is None else float(eps)
+    return PrivacyEvent(**kwargs)

@@ -1,0 +1,158 @@
+"""``dpfl runs list | show | export``: reading the run store."""
+
+from __future__ import annotations
+
+import datetime as dt
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from dpfl.cli.common import DEFAULT_STORE, StoreOption, console, fmt_eps, fmt_float
+from dpfl.cli.main import app
+from dpfl.errors import ConfigError, StoreError
+from dpfl.jsonutil import dumps
+from dpfl.store import RUN_STATUSES, RunStore, export_run, run_to_dict
+from dpfl.store.export import EXPORT_TABLES
+
+runs_app = typer.Typer(help="Inspect and export recorded runs.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+
+
+class ExportFormat(str, Enum):
+    csv = "csv"
+    json = "json"
+
+
+def _open(store: Path) -> RunStore:
+    if not store.exists():
+        raise StoreError(f"no run store at {store} (use --store PATH or run a command first)")
+    return RunStore(store)
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _duration(run: dict) -> str:
+    end = run.get("ended_at") or run.get("updated_at")
+    if end is None:
+        return "-"
+    return f"{end - run['created_at']:.1f}s"
+
+
+@runs_app.command("list")
+def list_runs(
+    kind: Annotated[str | None, typer.Option("--kind", help="Only runs of this kind.")] = None,
+    status: Annotated[
+        str | None,
+        typer.Option("--status", help=f"Only runs with this status ({', '.join(RUN_STATUSES)})."),
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", help="At most this many runs.")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    store: StoreOption = DEFAULT_STORE,
+) -> None:
+    """Recorded runs, newest first."""
+    if status is not None and status not in RUN_STATUSES:
+        raise ConfigError(f"--status must be one of {', '.join(RUN_STATUSES)}, got {status!r}")
+    if limit < 1:
+        raise ConfigError(f"--limit must be >= 1, got {limit}")
+    with _open(store) as s:
+        runs = s.list_runs(kind=kind, status=status, limit=limit)
+    if as_json:
+        console.print(dumps({"runs": runs}), markup=False)
+        return
+    table = Table(title=f"runs in {store}")
+    for col in ("id", "kind", "name", "status", "created", "duration"):
+        table.add_column(col)
+    for r in runs:
+        table.add_row(
+            r["id"], r["kind"], r["name"] or "", r["status"], _when(r["created_at"]), _duration(r)
+        )
+    console.print(table)
+
+
+@runs_app.command("show")
+def show_run(
+    run: Annotated[str, typer.Argument(help="Run id or a unique prefix of it.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    store: StoreOption = DEFAULT_STORE,
+) -> None:
+    """One run: status, config, last metrics and privacy spent per participant."""
+    with _open(store) as s:
+        data = run_to_dict(s, run)
+    if as_json:
+        console.print(dumps(data), markup=False)
+        return
+    r = data["run"]
+    console.print(f"[bold]run {r['id']}[/bold]  kind={r['kind']}  status={r['status']}")
+    console.print(f"created {_when(r['created_at'])}, duration {_duration(r)}, seed={r['seed']}")
+    if r.get("error"):
+        console.print(f"error: {r['error']}", markup=False)
+    versions = ", ".join(f"{k} {v}" for k, v in sorted(r["versions"].items()))
+    console.print(f"versions: {versions}", markup=False)
+    console.print(f"config: {dumps(r['config'])}", markup=False)
+    if data["rounds"]:
+        done = sum(1 for x in data["rounds"] if x["status"] == "completed")
+        console.print(f"rounds: {len(data['rounds'])} recorded, {done} completed")
+    last: dict[tuple[str, str], dict] = {}
+    for m in data["metrics"]:
+        last[(m["scope"], m["name"])] = m
+    if last:
+        table = Table(title="metrics (last value)")
+        for col in ("scope", "name", "value", "round", "step"):
+            table.add_column(col)
+        for (scope, name), m in sorted(last.items()):
+            table.add_row(
+                scope, name, fmt_float(m["value"], 6), fmt_float(m["round"]), fmt_float(m["step"])
+            )
+        console.print(table)
+    if data["epsilon"]:
+        events = data["privacy_events"]
+        table = Table(title=f"privacy spent (delta={events[-1]['delta']:g})")
+        for col in ("participant", "epsilon", "steps", "events", "accountant"):
+            table.add_column(col)
+        for who, eps in sorted(data["epsilon"].items()):
+            mine = [e for e in events if e["participant"] == who]
+            table.add_row(
+                who,
+                fmt_eps(eps),
+                str(sum(e["steps"] for e in mine)),
+                str(len(mine)),
+                mine[-1]["accountant"],
+            )
+        console.print(table)
+
+
+@runs_app.command("export")
+def export(
+    run: Annotated[str, typer.Argument(help="Run id or a unique prefix of it.")],
+    fmt: Annotated[
+        ExportFormat, typer.Option("--format", "-f", help="csv or json.")
+    ] = ExportFormat.json,
+    table: Annotated[
+        str, typer.Option("--table", help=f"Table for csv: {', '.join(EXPORT_TABLES)}.")
+    ] = "metrics",
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output", "-o", help="Write to this file instead of stdout.", dir_okay=False
+        ),
+    ] = None,
+    store: StoreOption = DEFAULT_STORE,
+) -> None:
+    """A run as JSON (everything) or one of its tables as CSV."""
+    with _open(store) as s:
+        text = export_run(s, run, fmt.value, table)
+    if output is None:
+        typer.echo(text, nl=not text.endswith("\n"))
+        return
+    try:
+        output.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot write {output}: {e.strerror or e}") from None
+    console.print(f"wrote {output}", markup=False)

@@ -1,0 +1,478 @@
+"""Typed, validated configuration: frozen dataclasses loaded from TOML and ``--set`` overrides.
+
+A configuration has a few top-level keys (``name``, ``seed``) and one section per concern::
+
+    seed = 0
+    [privacy]
+    noise-multiplier = 1.1
+    delta = 1e-5
+    [federation]
+    num-clients = 10
+
+Keys are kebab-case in TOML, on the command line and in Flower's flat ``run_config``
+(``privacy.noise-multiplier``); fields are the snake_case equivalents. Every value is checked when
+the dataclass is built, so a :class:`Config` that exists is valid. Errors name the key and the
+valid keys or range (:class:`~dpfl.errors.ConfigError`).
+
+``privacy.noise-multiplier`` and ``privacy.target-epsilon`` are two ways to set the noise; exactly
+one is set. Setting one of them (in a file or with ``--set``) unsets the other, so that
+``--set privacy.target-epsilon=3`` works on top of a file that gives a noise multiplier.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+import tomli_w
+
+from dpfl.errors import ConfigError
+from dpfl.validation import (
+    at_least,
+    check_delta,
+    check_epsilon,
+    check_noise_multiplier,
+    in_unit_interval_closed_open,
+    non_negative,
+    positive,
+)
+
+__all__ = [
+    "Config",
+    "DataConfig",
+    "FederationConfig",
+    "LoraConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "PrivacyConfig",
+    "StoreConfig",
+    "TrainingConfig",
+    "apply_overrides",
+    "load_config",
+    "parse_override",
+]
+
+_MISSING = object()
+
+
+def _key(field_name: str) -> str:
+    return field_name.replace("_", "-")
+
+
+def _opt(default: Any, *, check=None, choices: tuple[str, ...] | None = None, doc: str = ""):
+    """A config field with its validation attached as metadata."""
+    return field(default=default, metadata={"check": check, "choices": choices, "doc": doc})
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_optional(tp: Any) -> bool:
+    return type(None) in typing.get_args(tp)
+
+
+def _base_type(tp: Any) -> Any:
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    """Checks ``value`` against the field type ``tp``; ints are accepted where floats are."""
+    if value is None:
+        if _is_optional(tp):
+            return None
+        raise ConfigError(f"{name} cannot be empty")
+    base = _base_type(tp)
+    if base is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        return value
+    if base is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        return value
+    if base is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        return float(value)
+    if base is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config field type {tp!r}")  # a bug in this module, not input
+
+
+@dataclass(frozen=True)
+class _Section:
+    """Base of every section: type coercion and per-field checks on construction."""
+
+    SECTION: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        hints = _field_types(type(self))
+        for f in dataclasses.fields(self):
+            name = f"{self.SECTION}.{_key(f.name)}" if self.SECTION else _key(f.name)
+            value = _coerce(name, getattr(self, f.name), hints[f.name])
+            object.__setattr__(self, f.name, value)
+            if value is None:
+                continue
+            choices = f.metadata.get("choices")
+            if choices is not None and value not in choices:
+                raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+            check = f.metadata.get("check")
+            if check is not None:
+                check(name, value)
+        self._validate()
+
+    def _validate(self) -> None:
+        """Cross-field checks of one section."""
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [_key(f.name) for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]):
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"[{cls.SECTION}] must be a table of keys, got {data!r}")
+        known = {_key(f.name): f.name for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in data.items():
+            if key not in known:
+                hint = " (keys use dashes, not underscores)" if _key(key) in known else ""
+                raise ConfigError(
+                    f"unknown key {cls.SECTION}.{key}{hint}; valid keys of [{cls.SECTION}]: "
+                    f"{', '.join(sorted(known))}"
+                )
+            kwargs[known[key]] = value
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Kebab-case keys; None (unset) values are left out, since TOML has no null."""
+        return {
+            _key(f.name): getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) is not None
+        }
+
+
+CLIPPING_MODES = ("flat", "per-layer", "adaptive", "automatic", "dicesgd")
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost", "bk")
+ACCOUNTANTS = ("rdp", "prv", "gdp")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig(_Section):
+    """Differential privacy of the training.
+
+    ``level = "sample"`` protects each training record (DP-SGD on every learner, one accountant per
+    learner); ``level = "user"`` protects each client's whole contribution (DP-FedAvg: client
+    updates clipped, noise added on the server, one accountant on the server).
+    """
+
+    SECTION: ClassVar[str] = "privacy"
+
+    enabled: bool = _opt(True, doc="train with differential privacy")
+    level: str = _opt("sample", choices=("sample", "user"), doc="what one DP unit is")
+    noise_multiplier: float | None = _opt(
+        1.0, check=check_noise_multiplier, doc="Gaussian noise std / clip norm"
+    )
+    target_epsilon: float | None = _opt(
+        None, check=check_epsilon, doc="calibrate the noise to spend this epsilon in total"
+    )
+    delta: float = _opt(1e-5, check=check_delta, doc="delta of (epsilon, delta)-DP")
+    clip_norm: float = _opt(1.0, check=positive, doc="per-sample (or per-update) L2 clip norm C")
+    clipping: str = _opt("flat", choices=CLIPPING_MODES, doc="clip policy")
+    accountant: str = _opt("rdp", choices=ACCOUNTANTS, doc="privacy accountant")
+    poisson_sampling: bool = _opt(True, doc="Poisson-sample the batches (what accounting assumes)")
+    grad_sample_mode: str = _opt("hooks", choices=GRAD_SAMPLE_MODES, doc="per-sample norm backend")
+    secure_mode: bool = _opt(False, doc="cryptographically secure noise (needs torchcsprng)")
+
+    def _validate(self) -> None:
+        if not self.enabled:
+            return
+        if self.noise_multiplier is None and self.target_epsilon is None:
+            raise ConfigError("set privacy.noise-multiplier or privacy.target-epsilon")
+        if self.noise_multiplier is not None and self.target_epsilon is not None:
+            raise ConfigError(
+                "privacy.noise-multiplier and privacy.target-epsilon are both set; set only one"
+            )
+
+
+@dataclass(frozen=True)
+class OptimizerConfig(_Section):
+    """The (local) solver; under DP it only ever sees privatized gradients."""
+
+    SECTION: ClassVar[str] = "optimizer"
+
+    name: str = _opt("sgd", choices=("sgd", "adam", "adamw"), doc="optimizer name")
+    lr: float = _opt(0.05, check=positive, doc="learning rate")
+    momentum: float = _opt(0.0, check=in_unit_interval_closed_open, doc="momentum in [0, 1)")
+    weight_decay: float = _opt(0.0, check=non_negative, doc="L2 weight decay")
+
+
+@dataclass(frozen=True)
+class DataConfig(_Section):
+    SECTION: ClassVar[str] = "data"
+
+    name: str = _opt("digits", doc="data set: embedded default or a loader name")
+    path: str | None = _opt(None, doc="local path for loaders that read files")
+    batch_size: int = _opt(64, check=at_least(1), doc="expected (logical) batch size")
+    physical_batch_size: int | None = _opt(
+        None, check=at_least(1), doc="largest batch held in memory (virtual steps above it)"
+    )
+    test_fraction: float = _opt(0.2, doc="held-out fraction for evaluation, in (0, 1)")
+
+    def _validate(self) -> None:
+        if not (0 < self.test_fraction < 1):
+            raise ConfigError(f"data.test-fraction must be in (0, 1), got {self.test_fraction!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Section):
+    SECTION: ClassVar[str] = "model"
+
+    name: str = _opt("cnn", doc="model: embedded default or a hub/local name")
+    path: str | None = _opt(None, doc="local weights path")
+
+
+@dataclass(frozen=True)
+class TrainingConfig(_Section):
+    """Centralized training length (the federation has its own rounds and local epochs)."""
+
+    SECTION: ClassVar[str] = "training"
+
+    epochs: float = _opt(5.0, check=positive, doc="passes over the data (in expectation)")
+    max_steps: int | None = _opt(None, check=at_least(1), doc="stop after this many steps")
+
+
+@dataclass(frozen=True)
+class FederationConfig(_Section):
+    SECTION: ClassVar[str] = "federation"
+
+    num_clients: int = _opt(10, check=at_least(1), doc="clients (data partitions)")
+    rounds: int = _opt(5, check=at_least(1), doc="server rounds")
+    fraction: float = _opt(1.0, doc="fraction of clients sampled per round, in (0, 1]")
+    local_epochs: float = _opt(1.0, check=positive, doc="local passes per round")
+    local_steps: int | None = _opt(None, check=at_least(1), doc="local steps per round")
+    partition: str = _opt("iid", choices=("iid", "dirichlet", "classes"), doc="data split")
+    dirichlet_alpha: float = _opt(0.5, check=positive, doc="Dirichlet concentration")
+    classes_per_client: int = _opt(2, check=at_least(1), doc="labels per client")
+    strategy: str = _opt("fedavg", doc="server strategy name")
+
+    def _validate(self) -> None:
+        if not (0 < self.fraction <= 1):
+            raise ConfigError(f"federation.fraction must be in (0, 1], got {self.fraction!r}")
+
+
+@dataclass(frozen=True)
+class LoraConfig(_Section):
+    SECTION: ClassVar[str] = "lora"
+
+    r: int = _opt(8, check=at_least(1), doc="LoRA rank")
+    alpha: float = _opt(16.0, check=positive, doc="LoRA scaling numerator")
+    dropout: float = _opt(0.0, check=in_unit_interval_closed_open, doc="LoRA dropout")
+    target_modules: str = _opt("query,value", doc="comma-separated module names")
+
+    def _validate(self) -> None:
+        if not [m for m in self.target_modules.split(",") if m.strip()]:
+            raise ConfigError("lora.target-modules must name at least one module")
+
+
+@dataclass(frozen=True)
+class StoreConfig(_Section):
+    SECTION: ClassVar[str] = "store"
+
+    path: str = _opt("dpfl-runs.sqlite", doc="SQLite run store")
+
+    def _validate(self) -> None:
+        if not self.path.strip():
+            raise ConfigError("store.path cannot be empty")
+
+
+_SECTIONS: dict[str, type[_Section]] = {
+    cls.SECTION: cls
+    for cls in (
+        PrivacyConfig,
+        OptimizerConfig,
+        DataConfig,
+        ModelConfig,
+        TrainingConfig,
+        FederationConfig,
+        LoraConfig,
+        StoreConfig,
+    )
+}
+_TOP_LEVEL = ("name", "seed")
+
+# Setting one key of a pair unsets the other (see the module docstring).
+_EXCLUSIVE = {
+    ("privacy", "noise-multiplier"): ("privacy", "target-epsilon"),
+    ("privacy", "target-epsilon"): ("privacy", "noise-multiplier"),
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole run configuration (immutable; derive changed copies with :func:`apply_overrides`)."""
+
+    name: str = "dpfl"
+    seed: int = 0
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"name must be a non-empty string, got {self.name!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Config:
+        """Builds a config from nested kebab-case tables (as TOML gives them)."""
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in _TOP_LEVEL:
+                kwargs[key] = value
+            elif key in _SECTIONS:
+                kwargs[key] = _SECTIONS[key].from_dict(_resolve_exclusive(key, value))
+            else:
+                raise ConfigError(
+                    f"unknown config key {key!r}; valid: "
+                    f"{', '.join(_TOP_LEVEL + tuple(sorted(_SECTIONS)))}"
+                )
+        return cls(**kwargs)
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any]) -> Config:
+        """Builds a config from dotted keys (``{"privacy.delta": 1e-5}``, Flower's run_config)."""
+        nested: dict[str, Any] = {}
+        for dotted, value in flat.items():
+            _set_dotted(nested, dotted, value)
+        return cls.from_dict(nested)
+
+    # -- export --------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "seed": self.seed}
+        for section in _SECTIONS:
+            out[section] = getattr(self, section).to_dict()
+        return out
+
+    def to_flat(self) -> dict[str, Any]:
+        """Dotted scalar keys, the shape of Flower's ``run_config``."""
+        flat: dict[str, Any] = {"name": self.name, "seed": self.seed}
+        for section in _SECTIONS:
+            for key, value in getattr(self, section).to_dict().items():
+                flat[f"{section}.{key}"] = value
+        return flat
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+
+def _resolve_exclusive(section: str, table: Any) -> Any:
+    if not isinstance(table, Mapping):
+        return table
+    both = [k for k in table if (section, k) in _EXCLUSIVE]
+    if len(both) > 1 and all(table[k] is not None for k in both):
+        raise ConfigError(f"{section}.{both[0]} and {section}.{both[1]} are both set; set only one")
+    table = dict(table)
+    for key in both:
+        other_section, other = _EXCLUSIVE[(section, key)]
+        if table.get(key) is not None and other not in table:
+            table[other] = None
+    return table
+
+
+def _set_dotted(nested: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    if len(parts) == 1:
+        nested[dotted] = value
+        return
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"config key {dotted!r} must look like section.key")
+    section, key = parts
+    table = nested.setdefault(section, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"config key {dotted!r}: {section!r} is not a section")
+    table[key] = value
+
+
+# -- loading and overrides ----------------------------------------------------------------------
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parses ``section.key=value``; the value is read as a TOML value, else as a plain string.
+
+    ``none`` or ``null`` unsets an optional key (TOML itself has no null).
+    """
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    raw = raw.strip()
+    if raw.lower() in ("none", "null"):
+        return key, None
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    if isinstance(value, float) and math.isnan(value):
+        raise ConfigError(f"override {key}: NaN is not a valid value")
+    return key, value
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Returns a copy of nested config ``data`` with ``--set`` overrides applied."""
+    merged: dict[str, Any] = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+    for text in overrides:
+        key, value = parse_override(text)
+        parts = key.split(".")
+        if len(parts) == 2 and tuple(parts) in _EXCLUSIVE and value is not None:
+            other_section, other = _EXCLUSIVE[tuple(parts)]  # type: ignore[index]
+            if isinstance(merged.get(other_section), dict):
+                merged[other_section].pop(other, None)
+        _set_dotted(merged, key, value)
+    return merged
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Reads a TOML config (or the defaults when ``path`` is None) and applies overrides.
+
+    Raises:
+        ConfigError: the file is missing or malformed, a key is unknown, or a value is invalid.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {p}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read config file {p}: {e}") from None
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"malformed TOML in {p}: {e}") from None
+    return Config.from_dict(apply_overrides(data, overrides))

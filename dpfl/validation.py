@@ -1,0 +1,96 @@
+"""Range checks shared by the config, the accountants and the CLI.
+
+Each check takes the value and the name the user knows it by (``privacy.delta``, ``--delta``) and
+raises :class:`~dpfl.errors.ConfigError` naming both the value and the allowed range. NaN fails
+every check (comparisons with NaN are false, and each check is written so that false means bad).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from dpfl.errors import ConfigError
+
+__all__ = [
+    "Check",
+    "at_least",
+    "check_delta",
+    "check_epsilon",
+    "check_noise_multiplier",
+    "check_sample_rate",
+    "check_steps",
+    "in_unit_interval_closed_open",
+    "non_negative",
+    "positive",
+]
+
+Check = Callable[[str, object], None]
+
+
+def _number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def positive(name: str, value: object) -> None:
+    """value > 0 and finite."""
+    v = _number(name, value)
+    if not (0 < v < math.inf):
+        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def non_negative(name: str, value: object) -> None:
+    """value >= 0 and finite."""
+    v = _number(name, value)
+    if not (0 <= v < math.inf):
+        raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def in_unit_interval_closed_open(name: str, value: object) -> None:
+    """0 <= value < 1 (momentum, dropout)."""
+    v = _number(name, value)
+    if not (0 <= v < 1):
+        raise ConfigError(f"{name} must be in [0, 1), got {value!r}")
+
+
+def at_least(minimum: int) -> Check:
+    """An integer check: value >= minimum."""
+
+    def check(name: str, value: object) -> None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        if value < minimum:
+            raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+    return check
+
+
+def check_epsilon(name: str, value: object) -> None:
+    """A target epsilon: finite and > 0."""
+    positive(name, value)
+
+
+def check_delta(name: str, value: object) -> None:
+    """A delta: 0 < delta < 1."""
+    v = _number(name, value)
+    if not (0 < v < 1):
+        raise ConfigError(f"{name} must be in (0, 1), got {value!r}")
+
+
+def check_sample_rate(name: str, value: object) -> None:
+    """A sampling probability: 0 < q <= 1."""
+    v = _number(name, value)
+    if not (0 < v <= 1):
+        raise ConfigError(f"{name} must be in (0, 1], got {value!r}")
+
+
+def check_noise_multiplier(name: str, value: object) -> None:
+    """A noise multiplier: finite and >= 0 (0 means no privacy: epsilon is infinite)."""
+    non_negative(name, value)
+
+
+def check_steps(name: str, value: object) -> None:
+    """A number of steps: integer >= 1."""
+    at_least(1)(name, value)
