@@ -68,9 +68,11 @@ def calibrate_noise(
         nonlocal evaluations
         evaluations += 1
         with warnings.catch_warnings():
-            # Opacus warns when a candidate's optimal RDP order is the largest one; candidates
-            # far from the answer often are, and the warning says nothing about the result.
-            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+            # Opacus warns when a candidate's optimal RDP order is at the edge of its range;
+            # candidates far from the answer often are; it says nothing about the result.
+            warnings.filterwarnings(
+                "ignore", message="Optimal order is the (largest|smallest) alpha"
+            )
             return compute_epsilon([*prior, Phase(sigma, sample_rate, steps)], delta, accountant)
 
     if prior:

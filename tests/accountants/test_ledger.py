@@ -1,0 +1,116 @@
+import math
+
+import pytest
+
+from dpfl.accountants import Phase, PrivacyLedger, compute_epsilon
+from dpfl.errors import ConfigError, PrivacyBudgetError
+from dpfl.store import RunStore
+
+
+def test_each_participant_has_its_own_growing_history():
+    # Prepare
+    ledger = PrivacyLedger("rdp", 1e-5)
+    # Execute
+    for _ in range(3):
+        ledger.record("client-0", 1.0, 0.05, 10)
+    ledger.record("client-1", 2.0, 0.05, 10)
+    ledger.record("client-0", 1.5, 0.1, 5)
+    # Assert
+    assert ledger.history("client-0") == [Phase(1.0, 0.05, 30), Phase(1.5, 0.1, 5)]
+    assert ledger.epsilon("client-0") == compute_epsilon(ledger.history("client-0"), 1e-5)
+    assert ledger.epsilon("client-1") == compute_epsilon([Phase(2.0, 0.05, 10)], 1e-5)
+    assert ledger.epsilon("nobody") == 0.0
+    assert [e.seq for e in ledger.events] == [0, 1, 2, 3, 4]
+    assert ledger.max_epsilon() == max(ledger.spent().values())
+
+
+def test_budget_stops_before_the_step_that_would_exceed_it():
+    # Prepare
+    target = 2.0
+    ledger = PrivacyLedger("rdp", 1e-5, target_epsilon=target)
+    steps = 0
+    # Execute: release one step at a time until refused
+    with pytest.raises(PrivacyBudgetError, match="budget"):
+        while True:
+            ledger.record("central", 1.0, 0.02, 1)
+            steps += 1
+    # Assert: the refused step was not recorded; the spend is within the budget, one more is not
+    assert ledger.history("central") == [Phase(1.0, 0.02, steps)]
+    assert ledger.epsilon("central") <= target
+    assert compute_epsilon([Phase(1.0, 0.02, steps + 1)], 1e-5) > target
+    assert not ledger.can_afford("central", Phase(1.0, 0.02, 1))
+    assert ledger.can_afford("other", Phase(1.0, 0.02, 1))
+
+
+def test_sink_failure_leaves_the_ledger_unchanged():
+    # Durable first: if the event cannot be persisted, the release must not count as admitted
+    def broken_sink(event):
+        raise OSError("disk full")
+
+    ledger = PrivacyLedger("rdp", 1e-5, sink=broken_sink)
+    with pytest.raises(OSError):
+        ledger.record("central", 1.0, 0.1, 1)
+    assert ledger.events == [] and ledger.epsilon("central") == 0.0
+
+
+def test_refused_release_never_reaches_the_sink():
+    seen = []
+    ledger = PrivacyLedger("rdp", 1e-5, target_epsilon=0.5, sink=seen.append)
+    with pytest.raises(PrivacyBudgetError):
+        ledger.record("central", 0.5, 0.5, 100)
+    assert seen == []
+
+
+def test_gdp_cannot_enforce_a_budget():
+    with pytest.raises(ConfigError, match="can underestimate"):
+        PrivacyLedger("gdp", 1e-5, target_epsilon=1.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"participant": ""}, "participant"),
+        ({"mechanism": "laplace"}, "unknown mechanism"),
+        ({"noise_multiplier": -1.0}, "noise multiplier"),
+        ({"sample_rate": 2.0}, "sample rate"),
+    ],
+)
+def test_invalid_records(kwargs, match):
+    args = {"participant": "c", "noise_multiplier": 1.0, "sample_rate": 0.1} | kwargs
+    with pytest.raises(ConfigError, match=match):
+        PrivacyLedger().record(**args)
+
+
+def test_zero_noise_release_is_recorded_as_infinite_epsilon():
+    ledger = PrivacyLedger()
+    ledger.record("central", 0.0, 0.1, 1)
+    assert ledger.epsilon("central") == math.inf
+
+
+def test_restored_ledger_continues_exactly_like_an_uninterrupted_one(store_path):
+    # Prepare: a run that records to the store, then "crashes"
+    with RunStore(store_path) as store:
+        run = store.create_run("train", {})
+        ledger = PrivacyLedger("rdp", 1e-5, sink=run.record_privacy_event)
+        ledger.record("client-0", 1.0, 0.05, 10, round=1)
+        ledger.record("client-1", 1.2, 0.05, 10, round=1)
+        ledger.record("client-0", 1.0, 0.05, 10, round=2)
+        run_id = run.run_id
+    # Execute: restore from the store rows and continue
+    with RunStore(store_path) as store:
+        restored = PrivacyLedger.from_events(store.privacy_events(run_id), "rdp", 1e-5)
+        restored.record("client-0", 1.0, 0.05, 10, round=3)
+    uninterrupted = PrivacyLedger("rdp", 1e-5)
+    for who, sigma, rnd in [
+        ("client-0", 1.0, 1),
+        ("client-1", 1.2, 1),
+        ("client-0", 1.0, 2),
+        ("client-0", 1.0, 3),
+    ]:
+        uninterrupted.record(who, sigma, 0.05, 10, round=rnd)
+    # Assert
+    assert restored.spent() == pytest.approx(uninterrupted.spent(), rel=1e-12)
+    assert restored.events[-1].seq == 3
+    assert [e.to_dict() | {"epsilon_after": 0} for e in restored.events] == [
+        e.to_dict() | {"epsilon_after": 0} for e in uninterrupted.events
+    ]

@@ -1,0 +1,45 @@
+"""Slow, obviously correct references for privacy tests.
+
+Closed forms for the non-subsampled Gaussian mechanism (q = 1), where the privacy loss is known
+exactly: T releases with noise multiplier sigma are one Gaussian mechanism with
+mu = sqrt(sum_t 1 / sigma_t**2) (Dong, Roth, Su 2019, Corollary 3.3), whose exact delta(epsilon)
+is Balle & Wang 2018, Theorem 8:
+
+    delta(eps) = Phi(-eps/mu + mu/2) - exp(eps) * Phi(-eps/mu - mu/2)
+
+and whose Renyi divergence of order alpha is alpha * mu**2 / 2 (Mironov 2017, Proposition 7).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from scipy.optimize import brentq
+from scipy.stats import norm
+
+
+def gaussian_mu(phases: Sequence[tuple[float, int]]) -> float:
+    """mu of the composition of ``steps`` Gaussian releases per ``(sigma, steps)`` (q = 1)."""
+    return math.sqrt(sum(steps / sigma**2 for sigma, steps in phases))
+
+
+def exact_gaussian_delta(eps: float, mu: float) -> float:
+    return float(norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * norm.cdf(-eps / mu - mu / 2))
+
+
+def exact_gaussian_epsilon(mu: float, delta: float) -> float:
+    """The smallest epsilon with delta(epsilon) <= delta, by root finding."""
+    if exact_gaussian_delta(0.0, mu) <= delta:
+        return 0.0
+    return float(brentq(lambda e: exact_gaussian_delta(e, mu) - delta, 0.0, 500.0, xtol=1e-12))
+
+
+def rdp_gaussian_epsilon(mu: float, delta: float, orders: Sequence[float]) -> float:
+    """RDP of the Gaussian, alpha * mu^2 / 2, converted to (eps, delta) with the conversion of
+    Balle et al. 2020 (Theorem 21), minimized over ``orders``."""
+    a = np.asarray(orders, dtype=float)
+    rdp = a * mu**2 / 2
+    eps = rdp + np.log1p(-1 / a) - (np.log(delta) + np.log(a)) / (a - 1)
+    return float(max(np.min(eps), 0.0))
