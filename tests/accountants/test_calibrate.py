@@ -8,7 +8,7 @@ from dpfl.errors import ConfigError, PrivacyBudgetError
 
 
 @settings(
-    max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=15, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
 )
 @given(
     target=st.floats(0.2, 20.0),
