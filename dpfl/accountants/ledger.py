@@ -186,6 +186,32 @@ class PrivacyLedger:
     def participants(self) -> list[str]:
         return sorted(self._histories)
 
+    # -- checkpointing ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data (JSON- and Flower-ConfigRecord-friendly after ``json.dumps``) from which
+        :meth:`from_state_dict` rebuilds an identical ledger."""
+        return {
+            "accountant": self.accountant,
+            "delta": self.delta,
+            "target_epsilon": self.target_epsilon,
+            "events": [e.to_dict() for e in self._events],
+        }
+
+    @classmethod
+    def from_state_dict(
+        cls, state: Mapping[str, Any], *, sink: Sink | None = None
+    ) -> PrivacyLedger:
+        try:
+            return cls.from_events(
+                state["events"],
+                state["accountant"],
+                state["delta"],
+                target_epsilon=state.get("target_epsilon"),
+                sink=sink,
+            )
+        except (KeyError, TypeError) as e:
+            raise ConfigError(f"malformed privacy ledger state: {e!r}") from None
+
     # -- restoring ------------------------------------------------------------------------------
     @classmethod
     def from_events(

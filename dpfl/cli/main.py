@@ -71,6 +71,24 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+def _version(value: bool) -> None:
+    if value:
+        from dpfl import __version__
+
+        click.echo(f"dpfl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Differentially private and federated training."""
+
+
 # Commands register themselves on `app` when their modules are imported.
 from dpfl.cli import budget, runs  # noqa: E402,F401
 

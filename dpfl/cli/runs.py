@@ -156,3 +156,24 @@ def export(
     except OSError as e:
         raise ConfigError(f"cannot write {output}: {e.strerror or e}") from None
     console.print(f"wrote {output}", markup=False)
+
+
+@runs_app.command("plot")
+def plot(
+    run: Annotated[str, typer.Argument(help="Run id or a unique prefix of it.")],
+    metric: Annotated[
+        list[str] | None, typer.Option("--metric", "-m", help="Metric to plot (repeatable).")
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="PNG file (default RUN.png).", dir_okay=False),
+    ] = None,
+    store: StoreOption = DEFAULT_STORE,
+) -> None:
+    """PNG of a run's metrics per round and epsilon spent per participant."""
+    from dpfl.store.plot import plot_run
+
+    with _open(store) as s:
+        data = run_to_dict(s, run)
+    path = plot_run(data, output or Path(f"{data['run']['id']}.png"), metric or None)
+    console.print(f"wrote {path}", markup=False)

@@ -114,3 +114,20 @@ def test_restored_ledger_continues_exactly_like_an_uninterrupted_one(store_path)
     assert [e.to_dict() | {"epsilon_after": 0} for e in restored.events] == [
         e.to_dict() | {"epsilon_after": 0} for e in uninterrupted.events
     ]
+
+
+def test_state_dict_round_trip_is_exact():
+    # Prepare
+    import json
+
+    ledger = PrivacyLedger("prv", 1e-6, target_epsilon=5.0)
+    ledger.record("a", 1.0, 0.01, 100, round=1, note="n")
+    ledger.record("b", 2.0, 0.02, 50)
+    # Execute
+    restored = PrivacyLedger.from_state_dict(json.loads(json.dumps(ledger.state_dict())))
+    # Assert
+    assert restored.events == ledger.events
+    assert restored.spent() == pytest.approx(ledger.spent(), rel=1e-12)
+    assert restored.target_epsilon == 5.0 and restored.accountant == "prv"
+    with pytest.raises(ConfigError, match="malformed privacy ledger state"):
+        PrivacyLedger.from_state_dict({"events": []})

@@ -299,3 +299,17 @@ def test_corrupt_store_is_one_line(tmp_path):
 def test_help_works():
     result = invoke("--help")
     assert result.exit_code == 0 and "epsilon" in result.stdout and "calibrate" in result.stdout
+
+
+def test_runs_plot_writes_a_png(store_path, recorded, tmp_path):
+    out = tmp_path / "p.png"
+    result = invoke("runs", "plot", recorded, "-o", str(out), "--store", str(store_path))
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = invoke("runs", "plot", recorded, "-m", "loss", "--store", str(store_path))
+    assert_one_line_error(bad, "run has no metric loss; recorded: accuracy")
+
+
+def test_version():
+    result = invoke("--version")
+    assert result.exit_code == 0 and result.stdout.startswith("dpfl ")
