@@ -22,12 +22,15 @@ Accountants (Opacus' defaults are kept):
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Sequence
 
+import numpy as np
 from opacus.accountants import GaussianAccountant, PRVAccountant, RDPAccountant
 from opacus.accountants.accountant import IAccountant
+from opacus.accountants.analysis import rdp as rdp_analysis
 
 from dpfl.accountants.phases import Phase, merge_phases
 from dpfl.errors import AccountantError
@@ -88,6 +91,8 @@ def compute_epsilon(phases: Sequence[Phase], delta: float, accountant: str = "rd
             "the gdp accountant supports a single (noise multiplier, sample rate) phase; "
             "use rdp or prv for heterogeneous histories"
         )
+    if accountant == "rdp":
+        return _rdp_epsilon(history, delta)
     acc = create_opacus_accountant(accountant, history)
     try:
         with warnings.catch_warnings():
@@ -102,6 +107,44 @@ def compute_epsilon(phases: Sequence[Phase], delta: float, accountant: str = "rd
         raise AccountantError(
             f"{accountant} accountant returned NaN for {_describe(history)} at delta={delta:g}"
         )
+    return max(eps, 0.0)
+
+
+@functools.lru_cache(maxsize=4096)
+def _rdp_per_step(sample_rate: float, noise_multiplier: float) -> np.ndarray:
+    vec = rdp_analysis.compute_rdp(
+        q=sample_rate,
+        noise_multiplier=noise_multiplier,
+        steps=1,
+        orders=RDPAccountant.DEFAULT_ALPHAS,
+    )
+    vec = np.asarray(vec, dtype=float)
+    vec.setflags(write=False)
+    return vec
+
+
+def _rdp_epsilon(history: Sequence[Phase], delta: float) -> float:
+    """Opacus' RDPAccountant.get_epsilon, with the per-step RDP curve of each (q, sigma) cached.
+
+    ``compute_rdp(q, sigma, steps)`` is ``steps`` times the one-step curve (that is how Opacus
+    computes it), so summing ``steps * curve`` over phases gives the same numbers as the
+    accountant, in about 30 us instead of 14 ms per distinct (q, sigma): cheap enough to account
+    every single training step.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            rdp = sum(_rdp_per_step(p.sample_rate, p.noise_multiplier) * p.steps for p in history)
+            eps, _ = rdp_analysis.get_privacy_spent(
+                orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta
+            )
+    except (ValueError, ArithmeticError) as e:
+        raise AccountantError(
+            f"rdp accountant failed for {_describe(history)} at delta={delta:g}: {e}"
+        ) from None
+    eps = float(eps)
+    if math.isnan(eps):
+        raise AccountantError(f"rdp accountant returned NaN for {_describe(history)}")
     return max(eps, 0.0)
 
 

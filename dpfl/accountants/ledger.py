@@ -19,7 +19,6 @@ resumed run rebuilt with :meth:`PrivacyLedger.from_events` continues from the re
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -47,7 +46,7 @@ class PrivacyEvent:
     steps: int
     accountant: str
     delta: float
-    epsilon_after: float
+    epsilon_after: float | None
     round: int | None = None
     note: str | None = None
 
@@ -59,6 +58,7 @@ class PrivacyEvent:
 
 
 Sink = Callable[[PrivacyEvent], None]
+Window = tuple[tuple[float, float], int]
 
 
 class PrivacyLedger:
@@ -96,6 +96,7 @@ class PrivacyLedger:
         self._histories: dict[str, list[Phase]] = {}
         self._epsilons: dict[str, float] = {}
         self._events: list[PrivacyEvent] = []
+        self._windows: dict[str, Window] = {}
 
     # -- recording ------------------------------------------------------------------------------
     def epsilon_if(self, participant: str, phase: Phase) -> float:
@@ -122,6 +123,10 @@ class PrivacyLedger:
     ) -> PrivacyEvent:
         """Admits ``steps`` releases by ``participant`` (see the module docstring for the order).
 
+        ``epsilon_after`` of the returned event is always computed with ``rdp`` (cheap); with
+        ``prv`` or ``gdp`` it is computed when the budget check needed it and is None otherwise
+        (:meth:`epsilon` computes it on demand).
+
         Raises:
             PrivacyBudgetError: the releases would exceed ``target_epsilon``; nothing recorded.
         """
@@ -130,13 +135,11 @@ class PrivacyLedger:
         if mechanism not in MECHANISMS:
             raise ConfigError(f"unknown mechanism {mechanism!r}; valid: {', '.join(MECHANISMS)}")
         phase = Phase(noise_multiplier, sample_rate, steps)
-        eps_after = self.epsilon_if(participant, phase)
-        if self.target_epsilon is not None and eps_after > self.target_epsilon:
-            raise PrivacyBudgetError(
-                f"{participant}: {steps} more step(s) at noise multiplier {noise_multiplier:g}, "
-                f"q={sample_rate:g} would spend epsilon {eps_after:.4g} > budget "
-                f"{self.target_epsilon:g} (spent so far {self.epsilon(participant):.4g})"
-            )
+        eps_after, window = None, None
+        if self.target_epsilon is not None:
+            eps_after, window = self._check_budget(participant, phase)
+        if eps_after is None and self.accountant == "rdp":
+            eps_after = self.epsilon_if(participant, phase)
         event = PrivacyEvent(
             seq=len(self._events),
             participant=participant,
@@ -152,13 +155,55 @@ class PrivacyLedger:
         )
         if self._sink is not None:
             self._sink(event)
-        self._commit(event)
+        self._commit(event, window)
         return event
 
-    def _commit(self, event: PrivacyEvent) -> None:
+    def _check_budget(self, participant: str, phase: Phase) -> tuple[float | None, Window | None]:
+        """Raises if ``phase`` would exceed the budget. Returns the epsilon after it (None when a
+        verified window already covers it) and the window left after it.
+
+        A window ``((sigma, q), n)`` records that ``n`` more steps at ``(sigma, q)`` were verified
+        to fit in the budget (epsilon is monotone in steps), so a training loop that accounts
+        every step computes epsilon O(log T) times in all, not T times (PRV takes 0.1-1 s a call).
+        """
+        key = (phase.noise_multiplier, phase.sample_rate)
+        window = self._windows.get(participant)
+        if window is not None and window[0] == key and phase.steps <= window[1]:
+            return None, (key, window[1] - phase.steps)
+        eps = self.epsilon_if(participant, phase)
+        if eps > self.target_epsilon:  # type: ignore[operator]
+            raise PrivacyBudgetError(
+                f"{participant}: {phase.steps} more step(s) at noise multiplier "
+                f"{phase.noise_multiplier:g}, q={phase.sample_rate:g} would spend epsilon "
+                f"{eps:.4g} > budget {self.target_epsilon:g} (spent so far "
+                f"{self.epsilon(participant):.4g})"
+            )
+        after = [*self.history(participant), phase]
+
+        def fits(n: int) -> bool:
+            extra = Phase(phase.noise_multiplier, phase.sample_rate, n)
+            return (
+                compute_epsilon([*after, extra], self.delta, self.accountant) <= self.target_epsilon
+            )
+
+        ahead = max(phase.steps, sum(p.steps for p in after))
+        if not fits(ahead):  # largest n < ahead that fits, by bisection
+            lo, hi = 0, ahead
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+            ahead = lo
+        return eps, (key, ahead)
+
+    def _commit(self, event: PrivacyEvent, window: Window | None = None) -> None:
         history = self._histories.setdefault(event.participant, [])
         history[:] = merge_phases([*history, event.phase()])
-        self._epsilons[event.participant] = event.epsilon_after
+        if event.epsilon_after is not None:
+            self._epsilons[event.participant] = event.epsilon_after
+        else:
+            self._epsilons.pop(event.participant, None)  # computed on demand
+        if window is not None:
+            self._windows[event.participant] = window
         self._events.append(event)
 
     # -- reading --------------------------------------------------------------------------------
@@ -168,15 +213,17 @@ class PrivacyLedger:
     def epsilon(self, participant: str) -> float:
         """Epsilon spent by ``participant`` so far (0 if it never released)."""
         if participant not in self._epsilons:
-            return 0.0
+            self._epsilons[participant] = compute_epsilon(
+                self.history(participant), self.delta, self.accountant
+            )
         return self._epsilons[participant]
 
     def spent(self) -> dict[str, float]:
         """Epsilon per participant."""
-        return dict(self._epsilons)
+        return {p: self.epsilon(p) for p in self.participants}
 
     def max_epsilon(self) -> float:
-        return max(self._epsilons.values(), default=0.0)
+        return max(self.spent().values(), default=0.0)
 
     @property
     def events(self) -> list[PrivacyEvent]:
@@ -238,14 +285,11 @@ class PrivacyLedger:
                 [*ledger._histories[raw.participant], raw.phase()]
             )
             ledger._events.append(raw)
-        for participant, history in ledger._histories.items():
-            ledger._epsilons[participant] = compute_epsilon(history, delta, accountant)
         return ledger
 
 
 def _event_from_mapping(row: Mapping[str, Any]) -> PrivacyEvent:
     fields = PrivacyEvent.__dataclass_fields__
     kwargs = {k: row[k] for k in fields if k in row}
-    eps = kwargs.get("epsilon_after")
-    kwargs["epsilon_after"] = math.inf if eps is None else float(eps)
+    kwargs.setdefault("epsilon_after", None)
     return PrivacyEvent(**kwargs)

@@ -15,11 +15,21 @@ __all__ = ["EXPORT_TABLES", "epsilon_by_participant", "export_run", "run_to_dict
 EXPORT_TABLES = ("metrics", "ledger", "rounds")
 
 
-def epsilon_by_participant(events: list[dict[str, Any]]) -> dict[str, float]:
-    """The last recorded epsilon of each participant (events in ledger order)."""
-    out: dict[str, float] = {}
+def epsilon_by_participant(events: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Epsilon of each participant after its last event: the recorded value, or (when the ledger
+    did not compute it at record time) recomputed from the participant's history."""
+    from dpfl.accountants import PrivacyLedger
+
+    out: dict[str, float | None] = {}
+    last: dict[str, dict[str, Any]] = {}
     for e in events:
-        out[e["participant"]] = e["epsilon_after"]
+        last[e["participant"]] = e
+    for who, e in last.items():
+        if e["epsilon_after"] is not None:
+            out[who] = e["epsilon_after"]
+        else:
+            mine = [x for x in events if x["participant"] == who]
+            out[who] = PrivacyLedger.from_events(mine, e["accountant"], e["delta"]).epsilon(who)
     return out
 
 

@@ -63,7 +63,7 @@ def plot_run(data: dict[str, Any], path: str | Path, metrics: list[str] | None =
                 eps = e["epsilon_after"]
                 by_who[e["participant"]].append((steps[e["participant"]], eps))
             for i, (who, pts) in enumerate(sorted(by_who.items())):
-                finite = [(x, y) for x, y in pts if not math.isinf(y)]
+                finite = [(x, y) for x, y in pts if y is not None and not math.isinf(y)]
                 if finite:
                     ax.plot(*zip(*finite, strict=True), label=who if i < MAX_LEGEND else None)
             ax.set_xlabel("noisy steps")

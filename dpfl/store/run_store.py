@@ -344,7 +344,7 @@ class RunStore:
                     event["steps"],
                     event["accountant"],
                     event["delta"],
-                    _to_sql_float(event["epsilon_after"]),
+                    _to_sql_float(event.get("epsilon_after")),
                     event.get("round"),
                     event.get("note"),
                     time.time(),
@@ -430,10 +430,7 @@ class RunStore:
             " ORDER BY seq",
             (run_id,),
         )
-        for r in rows:
-            if r["epsilon_after"] is None:
-                r["epsilon_after"] = math.nan
-        return rows
+        return rows  # epsilon_after None: not computed when recorded (see PrivacyLedger.record)
 
     def rounds(self, run_id: str) -> list[dict[str, Any]]:
         rows = self._query(

@@ -131,3 +131,36 @@ def test_state_dict_round_trip_is_exact():
     assert restored.target_epsilon == 5.0 and restored.accountant == "prv"
     with pytest.raises(ConfigError, match="malformed privacy ledger state"):
         PrivacyLedger.from_state_dict({"events": []})
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_per_step_budget_checks_compute_epsilon_rarely(monkeypatch, accountant):
+    # Prepare: count the accountant evaluations the ledger makes
+    import dpfl.accountants.ledger as ledger_module
+
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return compute_epsilon(*args, **kwargs)
+
+    monkeypatch.setattr(ledger_module, "compute_epsilon", counting)
+    ledger = PrivacyLedger(accountant, 1e-5, target_epsilon=1.0)
+    # Execute: one event per step until the budget refuses
+    steps = 0
+    with pytest.raises(PrivacyBudgetError):
+        while True:
+            ledger.record("central", 2.0, 0.02, 1)
+            steps += 1
+    # Assert: exact stop, and O(log T) evaluations instead of T
+    assert compute_epsilon([Phase(2.0, 0.02, steps)], 1e-5, accountant) <= 1.0
+    assert compute_epsilon([Phase(2.0, 0.02, steps + 1)], 1e-5, accountant) > 1.0
+    assert steps > 400
+    assert len(calls) <= 4 * steps.bit_length() + (steps if accountant == "rdp" else 0) + 4
+
+
+def test_prv_events_without_budget_compute_epsilon_on_demand():
+    ledger = PrivacyLedger("prv", 1e-5)
+    events = [ledger.record("a", 1.0, 0.01, 100) for _ in range(3)]
+    assert all(e.epsilon_after is None for e in events)
+    assert ledger.epsilon("a") == compute_epsilon([Phase(1.0, 0.01, 300)], 1e-5, "prv")
