@@ -348,7 +348,7 @@ class Config:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
 
-    # -- construction -------------------------------------------------------------------------
+    # -- construction -----------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Config:
         """Builds a config from nested kebab-case tables (as TOML gives them)."""
@@ -373,7 +373,7 @@ class Config:
             _set_dotted(nested, dotted, value)
         return cls.from_dict(nested)
 
-    # -- export --------------------------------------------------------------------------------
+    # -- export -----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "seed": self.seed}
         for section in _SECTIONS:
@@ -420,7 +420,7 @@ def _set_dotted(nested: dict[str, Any], dotted: str, value: Any) -> None:
     table[key] = value
 
 
-# -- loading and overrides ----------------------------------------------------------------------
+# -- loading and overrides -----------------------------------------------------------------------
 def parse_override(text: str) -> tuple[str, Any]:
     """Parses ``section.key=value``; the value is read as a TOML value, else as a plain string.
 

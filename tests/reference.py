@@ -43,3 +43,30 @@ def rdp_gaussian_epsilon(mu: float, delta: float, orders: Sequence[float]) -> fl
     rdp = a * mu**2 / 2
     eps = rdp + np.log1p(-1 / a) - (np.log(delta) + np.log(a)) / (a - 1)
     return float(max(np.min(eps), 0.0))
+
+
+# -- per-sample gradients by the microbatch method -----------------------------------------------
+def microbatch_grads(model, x, y, loss_fn):
+    """Per-sample gradients [B, *p.shape] of each trainable parameter, one backward per sample.
+
+    Slow and obviously correct: the reference every per-sample backend is tested against.
+    ``loss_fn(output, target)`` returns per-sample losses.
+    """
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [[] for _ in params]
+    for i in range(x.shape[0]):
+        model.zero_grad(set_to_none=True)
+        loss_fn(model(x[i : i + 1]), y[i : i + 1]).sum().backward()
+        for j, p in enumerate(params):
+            grads[j].append(p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+    model.zero_grad(set_to_none=True)
+    return [torch.stack(g) for g in grads]
+
+
+def per_param_norms(grads):
+    """[B, P] norms of each sample's gradient of each parameter tensor."""
+    import torch
+
+    return torch.stack([g.reshape(g.shape[0], -1).norm(dim=1) for g in grads], dim=1)

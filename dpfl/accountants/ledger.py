@@ -98,7 +98,7 @@ class PrivacyLedger:
         self._events: list[PrivacyEvent] = []
         self._windows: dict[str, Window] = {}
 
-    # -- recording ------------------------------------------------------------------------------
+    # -- recording --------------------------------------------------------------------------------
     def epsilon_if(self, participant: str, phase: Phase) -> float:
         """Epsilon of ``participant`` if ``phase`` were released next (dry run)."""
         return compute_epsilon([*self.history(participant), phase], self.delta, self.accountant)
@@ -206,7 +206,7 @@ class PrivacyLedger:
             self._windows[event.participant] = window
         self._events.append(event)
 
-    # -- reading --------------------------------------------------------------------------------
+    # -- reading ----------------------------------------------------------------------------------
     def history(self, participant: str) -> list[Phase]:
         return list(self._histories.get(participant, ()))
 
@@ -233,7 +233,7 @@ class PrivacyLedger:
     def participants(self) -> list[str]:
         return sorted(self._histories)
 
-    # -- checkpointing ---------------------------------------------------------------------------
+    # -- checkpointing ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Plain data (JSON- and Flower-ConfigRecord-friendly after ``json.dumps``) from which
         :meth:`from_state_dict` rebuilds an identical ledger."""
@@ -259,7 +259,7 @@ class PrivacyLedger:
         except (KeyError, TypeError) as e:
             raise ConfigError(f"malformed privacy ledger state: {e!r}") from None
 
-    # -- restoring ------------------------------------------------------------------------------
+    # -- restoring --------------------------------------------------------------------------------
     @classmethod
     def from_events(
         cls,

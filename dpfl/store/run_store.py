@@ -153,7 +153,7 @@ class RunStore:
             except sqlite3.Error as e:
                 raise StoreError(f"cannot read run store {self.path}: {e}") from None
 
-    # -- runs -----------------------------------------------------------------------------------
+    # -- runs -------------------------------------------------------------------------------------
     def create_run(
         self,
         kind: str,
@@ -294,7 +294,7 @@ class RunStore:
             sql, params = sql + " LIMIT ?", [*params, int(limit)]
         return [_decode_run(r) for r in self._query(sql, params)]
 
-    # -- per-run records ------------------------------------------------------------------------
+    # -- per-run records --------------------------------------------------------------------------
     def _touch(self, c: sqlite3.Connection, run_id: str) -> None:
         cur = c.execute("UPDATE runs SET updated_at=? WHERE id=?", (time.time(), run_id))
         if cur.rowcount != 1:
@@ -411,7 +411,7 @@ class RunStore:
             )
             return int(cur.lastrowid)
 
-    # -- reading per-run records ----------------------------------------------------------------
+    # -- reading per-run records ------------------------------------------------------------------
     def metrics(self, run_id: str, name: str | None = None) -> list[dict[str, Any]]:
         sql = "SELECT round, step, scope, name, value, recorded_at FROM metrics WHERE run_id=?"
         params: list[Any] = [run_id]

@@ -14,7 +14,7 @@ from tests.reference import (
 DELTA = 1e-5
 
 
-# -- values pinned by Opacus' own test suite (opacus/tests/accountants_test.py) --------------------
+# -- values pinned by Opacus' own test suite (opacus/tests/accountants_test.py) ------------------
 def test_rdp_matches_opacus_pinned_value():
     # Prepare: sigma 1.5, q 0.04, 90 epochs
     steps = steps_for_epochs(90, 0.04)
@@ -57,7 +57,7 @@ def test_gdp_equals_opacus_stepped_accountant():
     )
 
 
-# -- against closed forms (q = 1: the plain Gaussian mechanism) ------------------------------------
+# -- against closed forms (q = 1: the plain Gaussian mechanism) ----------------------------------
 @pytest.mark.parametrize("phases", [[(1.0, 1)], [(2.0, 10)], [(5.0, 100)], [(0.9, 3), (3.0, 40)]])
 def test_rdp_equals_closed_form_gaussian(phases):
     mu = gaussian_mu(phases)
@@ -88,7 +88,7 @@ def test_heterogeneous_gaussian_composes_to_one_equivalent_gaussian():
     assert rdp_parts == pytest.approx(rdp_whole, rel=1e-9)
 
 
-# -- heterogeneous composition ---------------------------------------------------------------------
+# -- heterogeneous composition -------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["rdp", "prv", "gdp"])
 def test_split_phase_equals_whole(name):
     whole = compute_epsilon([Phase(1.1, 0.02, 1000)], DELTA, name)
@@ -112,7 +112,7 @@ def test_gdp_refuses_heterogeneous_history():
         compute_epsilon([Phase(1.0, 0.01, 5), Phase(2.0, 0.01, 5)], DELTA, "gdp")
 
 
-# -- order between accountants, monotonicity -------------------------------------------------------
+# -- order between accountants, monotonicity -----------------------------------------------------
 @pytest.mark.parametrize("sigma", [0.7, 1.0, 2.0])
 @pytest.mark.parametrize("q", [0.001, 0.01, 0.1])
 @pytest.mark.parametrize("steps", [100, 1000])
@@ -128,7 +128,7 @@ def test_monotone_in_steps_and_noise(name):
     assert e(0.8, 1000) > e(1.0, 1000) > e(2.0, 1000)
 
 
-# -- edge cases ------------------------------------------------------------------------------------
+# -- edge cases ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["rdp", "prv", "gdp"])
 def test_no_releases_spend_nothing(name):
     assert compute_epsilon([], DELTA, name) == 0.0

@@ -22,7 +22,7 @@ def assert_one_line_error(result, fragment: str):
     assert "Traceback" not in result.output + result.stderr
 
 
-# -- epsilon ---------------------------------------------------------------------------------------
+# -- epsilon -------------------------------------------------------------------------------------
 def test_epsilon_json_all_accountants(store_path):
     result = invoke(
         "epsilon",
@@ -115,7 +115,7 @@ def test_epsilon_zero_noise_is_infinite():
     assert json.loads(result.stdout) == {"rdp": "inf"}
 
 
-# -- calibrate -------------------------------------------------------------------------------------
+# -- calibrate -----------------------------------------------------------------------------------
 def test_calibrate_json_never_overshoots(store_path):
     result = invoke(
         "calibrate",
@@ -144,7 +144,7 @@ def test_calibrate_table_with_epochs():
     assert "noise multiplier" in result.stdout and "steps=2250" in result.stdout
 
 
-# -- runs ------------------------------------------------------------------------------------------
+# -- runs ----------------------------------------------------------------------------------------
 @pytest.fixture
 def recorded(store_path):
     from dpfl.accountants import PrivacyLedger
@@ -201,7 +201,7 @@ def test_runs_list_filters(store_path, recorded):
     assert out["runs"] == []
 
 
-# -- bad input: one line, exit 2 -------------------------------------------------------------------
+# -- bad input: one line, exit 2 -----------------------------------------------------------------
 BAD = [
     (
         ["epsilon", "-s", "1", "-q", "0.01", "-t", "100", "--delta", "1"],

@@ -128,7 +128,7 @@ def test_exports(store_path):
             export_run(store, run.run_id, "xml")
 
 
-# -- crash safety: a child process killed with SIGKILL ---------------------------------------------
+# -- crash safety: a child process killed with SIGKILL -------------------------------------------
 def _spawn(script: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(script)],

@@ -1,0 +1,341 @@
+"""``make_private``: one learner's private training, close to Opacus' ``make_private``.
+
+    pt = make_private(model, optimizer, train_loader, noise_multiplier=1.1, clip_norm=1.0)
+    for x, y in pt.data_loader:
+        pt.train_step(x, y, loss_fn)   # or: forward, pt.backward(losses), pt.optimizer.step()
+    pt.epsilon()
+
+Differences from Opacus, on purpose:
+
+* the loader samples each record independently with probability q = batch_size / N (Poisson,
+  what the accountant assumes) from a seeded generator, and B = q N normalizes the noisy sum;
+* ``train_step`` splits a logical batch into physical batches of at most ``physical_batch_size``
+  (virtual steps) and handles empty Poisson batches (noise is still released and accounted);
+* the per-sample losses are passed explicitly (``pt.backward(losses)``): no ``criterion``
+  wrapper, one call for every backend;
+* accounting is a :class:`~dpfl.accountants.PrivacyLedger` (persisted, per participant, with an
+  optional budget), not an optimizer hook that user hooks can overwrite (Opacus' single slot).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from opacus.data_loader import DPDataLoader
+from torch import nn
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader
+
+from dpfl.accountants import PrivacyLedger, calibrate_noise, steps_for_epochs
+from dpfl.accountants.ledger import Sink
+from dpfl.errors import ConfigError
+from dpfl.privacy.clipping import (
+    AdaptiveClip,
+    AutomaticClip,
+    ClipPolicy,
+    FlatClip,
+    GroupClip,
+    PerLayerClip,
+)
+from dpfl.privacy.dicesgd import ErrorFeedback
+from dpfl.privacy.norms.bk import BookKeepingBackend
+from dpfl.privacy.norms.opacus_backends import GhostBackend, HooksBackend
+from dpfl.privacy.optimizer import DPOptimizer
+from dpfl.validation import check_delta, check_epsilon, positive
+
+__all__ = ["PrivateTraining", "make_backend", "make_clip_policy", "make_private"]
+
+NON_POISSON_NOTE = "fixed-size shuffled batches accounted as Poisson sampling (approximation)"
+BACKENDS = ("hooks", "functorch", "ghost", "bk")
+CLIPPINGS = ("flat", "per-layer", "adaptive", "automatic", "per-group", "dicesgd")
+
+
+def make_backend(name: str, model: nn.Module, loss_reduction: str = "mean"):
+    """A per-sample norm backend attached to ``model``."""
+    if loss_reduction not in ("mean", "sum"):
+        raise ConfigError(f"loss reduction must be mean or sum, got {loss_reduction!r}")
+    if name == "hooks":
+        return HooksBackend(model, loss_reduction)
+    if name == "functorch":
+        return HooksBackend(model, loss_reduction, functorch=True)
+    if name == "ghost":
+        return GhostBackend(model, loss_reduction)
+    if name == "bk":
+        return BookKeepingBackend(model, loss_reduction)
+    raise ConfigError(f"unknown grad-sample mode {name!r}; valid: {', '.join(BACKENDS)}")
+
+
+def make_clip_policy(
+    clipping: str, clip_norm: float, num_params: int, **options: Any
+) -> ClipPolicy:
+    """The clip policy named ``clipping`` (``dicesgd`` clips flat; its feedback is separate)."""
+    if clipping in ("flat", "dicesgd"):
+        return FlatClip(clip_norm)
+    if clipping == "automatic":
+        return AutomaticClip(clip_norm, gamma=options.get("gamma", 0.01))
+    if clipping == "per-layer":
+        thresholds = options.get("thresholds")
+        if thresholds is None:
+            return PerLayerClip.even_split(clip_norm, num_params)
+        return PerLayerClip(thresholds)
+    if clipping == "per-group":
+        thresholds = options.get("thresholds") or [clip_norm / num_params**0.5] * num_params
+        return GroupClip(thresholds)
+    if clipping == "adaptive":
+        return AdaptiveClip(
+            clip_norm,
+            target_quantile=options.get("target_quantile", 0.5),
+            lr=options.get("clip_lr", 0.2),
+            count_noise_std=options.get("count_noise_std"),
+        )
+    raise ConfigError(f"unknown clipping {clipping!r}; valid: {', '.join(CLIPPINGS)}")
+
+
+@dataclass
+class PrivateTraining:
+    """Everything one learner needs to train privately (see :func:`make_private`)."""
+
+    model: nn.Module
+    optimizer: DPOptimizer
+    data_loader: DataLoader
+    ledger: PrivacyLedger
+    noise_multiplier: float
+    sample_rate: float
+    expected_batch_size: float
+    physical_batch_size: int | None
+    planned_steps: int | None
+    target_epsilon: float | None
+    participant: str
+    backend: Any
+    sampler_generator: torch.Generator | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def backward(self, losses: torch.Tensor) -> None:
+        """Backpropagates per-sample losses ``[b]`` of one physical batch."""
+        if losses.dim() != 1:
+            raise ConfigError(
+                f"backward expects per-sample losses of shape [batch], got {tuple(losses.shape)} "
+                "(use reduction='none')"
+            )
+        with warnings.catch_warnings():
+            # Opacus' module backward hooks on a first layer whose input needs no gradient
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            if isinstance(self.backend, GhostBackend):
+                self.backend.backward(losses)
+            elif self.backend.loss_reduction == "mean":
+                losses.mean().backward()
+            else:
+                losses.sum().backward()
+
+    def train_step(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> float:
+        """One logical step on the batch ``(x, y)``; ``loss_fn`` returns per-sample losses.
+
+        Returns the mean training loss of the batch (NaN for an empty batch). The loss is a
+        statistic of private data: log it only where that is acceptable (it is not privatized).
+        """
+        self.model.train()
+        self.optimizer.zero_grad()
+        n = x.shape[0]
+        size = self.physical_batch_size or max(n, 1)
+        total = 0.0
+        for start in range(0, n, size):
+            xb, yb = x[start : start + size], y[start : start + size]
+            losses = loss_fn(self.model(xb), yb)
+            self.backward(losses)
+            total += float(losses.detach().sum())
+            self.optimizer.accumulate()
+        self.optimizer.step()
+        return total / n if n else float("nan")
+
+    def epsilon(self, accountant: str | None = None) -> float:
+        """Epsilon spent so far by this learner (with another accountant if given)."""
+        if accountant is None or accountant == self.ledger.accountant:
+            return self.ledger.epsilon(self.participant)
+        from dpfl.accountants import compute_epsilon
+
+        return compute_epsilon(self.ledger.history(self.participant), self.ledger.delta, accountant)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Model, optimizer (inner state, clip state, DiceSGD buffer, noise RNG), sampler RNG and
+        ledger: restoring it makes the next steps bit-identical."""
+        return {
+            "model": {k: v.clone() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "sampler_generator": None
+            if self.sampler_generator is None
+            else self.sampler_generator.get_state(),
+            "ledger": self.ledger.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sampler_generator is not None and state.get("sampler_generator") is not None:
+            self.sampler_generator.set_state(state["sampler_generator"])
+        restored = PrivacyLedger.from_state_dict(state["ledger"], sink=self.ledger._sink)
+        self.ledger.__dict__.update(restored.__dict__)
+
+    def detach(self) -> None:
+        """Removes the per-sample hooks from the model."""
+        self.backend.detach()
+
+
+def make_private(
+    model: nn.Module,
+    optimizer: Optimizer,
+    data_loader: DataLoader,
+    *,
+    noise_multiplier: float | None = None,
+    target_epsilon: float | None = None,
+    delta: float = 1e-5,
+    epochs: float | None = None,
+    steps: int | None = None,
+    clip_norm: float = 1.0,
+    clipping: str = "flat",
+    grad_sample_mode: str = "bk",
+    accountant: str = "rdp",
+    poisson_sampling: bool = True,
+    physical_batch_size: int | None = None,
+    loss_reduction: str = "mean",
+    seed: int | None = None,
+    secure_mode: bool = False,
+    participant: str = "central",
+    ledger: PrivacyLedger | None = None,
+    ledger_sink: Sink | None = None,
+    clip_options: dict[str, Any] | None = None,
+    dicesgd_options: dict[str, Any] | None = None,
+) -> PrivateTraining:
+    """Makes ``model`` / ``optimizer`` / ``data_loader`` train with DP-SGD.
+
+    Args:
+        model: the model (trainable parameters are those with ``requires_grad``).
+        optimizer: any optimizer over the model's trainable parameters.
+        data_loader: a loader over the training set; its ``batch_size`` is the expected batch
+            size B, and q = B / N.
+        noise_multiplier: sigma; or give ``target_epsilon`` and ``epochs``/``steps`` instead to
+            calibrate sigma for that plan (fresh accountant; the plan is the budget).
+        target_epsilon: the budget. With ``noise_multiplier`` too, sigma is kept and training
+            just stops before exceeding the budget.
+        delta: delta of the guarantee.
+        epochs, steps: the planned length (needed to calibrate).
+        clip_norm: C (for adaptive clipping, C_0).
+        clipping: ``flat``, ``per-layer``, ``adaptive``, ``automatic``, ``per-group``, ``dicesgd``.
+        grad_sample_mode: ``bk`` (one backward, dpfl), ``hooks``, ``functorch``, ``ghost`` (Opacus).
+        accountant: ``rdp`` or ``prv`` (``gdp`` cannot enforce a budget).
+        poisson_sampling: Poisson batches (default). False keeps the loader's own batches and
+            accounts them as if Poisson-sampled, which is only an approximation (noted in the
+            ledger).
+        physical_batch_size: largest batch put through the model at once (virtual steps).
+        loss_reduction: how ``loss.backward()`` reduced the batch when not using ``backward()``.
+        seed: seeds the noise and sampling generators (None: nondeterministic).
+        secure_mode: noise from the OS CSPRNG.
+        participant: ledger participant name.
+        ledger: an existing ledger to continue (a client across rounds); else a new one.
+        ledger_sink: where a new ledger persists events (e.g. ``RunHandle.record_privacy_event``).
+        clip_options: policy options (``gamma``; ``thresholds``; ``target_quantile``, ``clip_lr``,
+            ``count_noise_std``).
+        dicesgd_options: ``c2``, ``c2_units``, ``residual_rule`` (for ``clipping="dicesgd"``).
+    """
+    check_delta("delta", delta)
+    positive("clip norm", clip_norm)
+    dataset = data_loader.dataset
+    n = len(dataset)  # type: ignore[arg-type]
+    batch_size = data_loader.batch_size
+    if not batch_size:
+        raise ConfigError("the data loader needs a batch_size (the expected logical batch size)")
+    if n == 0:
+        raise ConfigError("the training set is empty")
+    sample_rate = min(batch_size / n, 1.0)
+    expected_batch_size = sample_rate * n
+    if physical_batch_size is not None and physical_batch_size < 1:
+        raise ConfigError(f"physical batch size must be >= 1, got {physical_batch_size}")
+
+    planned = None
+    if epochs is not None or steps is not None:
+        if epochs is not None and steps is not None:
+            raise ConfigError("give epochs or steps, not both")
+        planned = steps if steps is not None else steps_for_epochs(epochs, sample_rate)
+        if planned < 1:
+            raise ConfigError(f"steps must be >= 1, got {planned}")
+    if noise_multiplier is None:
+        if target_epsilon is None:
+            raise ConfigError("give noise_multiplier or target_epsilon")
+        check_epsilon("target epsilon", target_epsilon)
+        if planned is None:
+            raise ConfigError("target_epsilon needs the planned epochs or steps to calibrate")
+        prior = ledger.history(participant) if ledger is not None else []
+        noise_multiplier = calibrate_noise(
+            target_epsilon, delta, sample_rate, planned, accountant, prior=prior
+        ).noise_multiplier
+
+    if ledger is None:
+        ledger = PrivacyLedger(accountant, delta, target_epsilon=target_epsilon, sink=ledger_sink)
+    elif ledger.delta != delta or ledger.accountant != accountant:
+        raise ConfigError("the given ledger uses another accountant or delta")
+
+    noise_gen = sampler_gen = None
+    if seed is not None:
+        noise_gen = torch.Generator().manual_seed(seed)
+        sampler_gen = torch.Generator().manual_seed(seed + 1)
+    if poisson_sampling:
+        loader: DataLoader = DPDataLoader(
+            dataset,
+            sample_rate=sample_rate,
+            collate_fn=data_loader.collate_fn,
+            generator=sampler_gen,
+        )
+    else:
+        loader = data_loader
+
+    backend = make_backend(grad_sample_mode, model, loss_reduction)
+    policy = make_clip_policy(clipping, clip_norm, len(backend.params), **(clip_options or {}))
+    feedback = None
+    if clipping == "dicesgd":
+        opts = dict(dicesgd_options or {})
+        feedback = ErrorFeedback(
+            clip_norm,
+            opts.pop("c2", clip_norm),
+            opts.pop("c2_units", "sum"),
+            opts.pop("residual_rule", "paper"),
+        )
+        if opts:
+            raise ConfigError(f"unknown dicesgd options: {', '.join(sorted(opts))}")
+    dp_optimizer = DPOptimizer(
+        optimizer,
+        backend=backend,
+        policy=policy,
+        noise_multiplier=noise_multiplier,
+        sample_rate=sample_rate,
+        expected_batch_size=expected_batch_size,
+        ledger=ledger,
+        participant=participant,
+        generator=noise_gen,
+        secure_mode=secure_mode,
+        error_feedback=feedback,
+        note=None if poisson_sampling else NON_POISSON_NOTE,
+    )
+    return PrivateTraining(
+        model=backend.model,
+        optimizer=dp_optimizer,
+        data_loader=loader,
+        ledger=ledger,
+        noise_multiplier=noise_multiplier,
+        sample_rate=sample_rate,
+        expected_batch_size=expected_batch_size,
+        physical_batch_size=physical_batch_size,
+        planned_steps=planned,
+        target_epsilon=target_epsilon,
+        participant=participant,
+        backend=backend,
+        sampler_generator=sampler_gen,
+        extra={"poisson_sampling": poisson_sampling},
+    )
