@@ -19,6 +19,7 @@ Differences from Opacus, on purpose:
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -169,7 +170,8 @@ class PrivateTraining:
         ledger: restoring it makes the next steps bit-identical."""
         return {
             "model": {k: v.clone() for k, v in self.model.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
+            # torch optimizers hand out their live state tensors: copy them
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
             "sampler_generator": None
             if self.sampler_generator is None
             else self.sampler_generator.get_state(),
