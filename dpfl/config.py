@@ -200,8 +200,23 @@ class PrivacyConfig(_Section):
     clipping: str = _opt("flat", choices=CLIPPING_MODES, doc="clip policy")
     accountant: str = _opt("rdp", choices=ACCOUNTANTS, doc="privacy accountant")
     poisson_sampling: bool = _opt(True, doc="Poisson-sample the batches (what accounting assumes)")
-    grad_sample_mode: str = _opt("hooks", choices=GRAD_SAMPLE_MODES, doc="per-sample norm backend")
-    secure_mode: bool = _opt(False, doc="cryptographically secure noise (needs torchcsprng)")
+    grad_sample_mode: str = _opt("bk", choices=GRAD_SAMPLE_MODES, doc="per-sample norm backend")
+    secure_mode: bool = _opt(False, doc="noise from the OS CSPRNG instead of a seeded generator")
+    target_quantile: float = _opt(
+        0.5, check=in_unit_interval_closed_open, doc="adaptive: fraction of samples left unclipped"
+    )
+    clip_lr: float = _opt(0.2, check=positive, doc="adaptive: geometric clip learning rate")
+    count_noise_std: float | None = _opt(
+        None, check=positive, doc="adaptive: std of the unclipped-count noise (default B/20)"
+    )
+    automatic_gamma: float = _opt(0.01, check=positive, doc="automatic: stability constant")
+    dicesgd_c2: float | None = _opt(
+        None, check=non_negative, doc="DiceSGD feedback clip C2 (default C1)"
+    )
+    dicesgd_c2_units: str = _opt("sum", choices=("sum", "mean"), doc="DiceSGD: units of C2")
+    dicesgd_residual_rule: str = _opt(
+        "paper", choices=("paper", "code"), doc="DiceSGD: buffer residual rule"
+    )
 
     def _validate(self) -> None:
         if not self.enabled:
@@ -221,7 +236,7 @@ class OptimizerConfig(_Section):
     SECTION: ClassVar[str] = "optimizer"
 
     name: str = _opt("sgd", choices=("sgd", "adam", "adamw"), doc="optimizer name")
-    lr: float = _opt(0.05, check=positive, doc="learning rate")
+    lr: float = _opt(0.5, check=positive, doc="learning rate (DP-SGD scale; lower it without DP)")
     momentum: float = _opt(0.0, check=in_unit_interval_closed_open, doc="momentum in [0, 1)")
     weight_decay: float = _opt(0.0, check=non_negative, doc="L2 weight decay")
 
@@ -232,7 +247,7 @@ class DataConfig(_Section):
 
     name: str = _opt("digits", doc="data set: embedded default or a loader name")
     path: str | None = _opt(None, doc="local path for loaders that read files")
-    batch_size: int = _opt(64, check=at_least(1), doc="expected (logical) batch size")
+    batch_size: int = _opt(128, check=at_least(1), doc="expected (logical) batch size")
     physical_batch_size: int | None = _opt(
         None, check=at_least(1), doc="largest batch held in memory (virtual steps above it)"
     )
@@ -257,7 +272,7 @@ class TrainingConfig(_Section):
 
     SECTION: ClassVar[str] = "training"
 
-    epochs: float = _opt(5.0, check=positive, doc="passes over the data (in expectation)")
+    epochs: float = _opt(10.0, check=positive, doc="passes over the data (in expectation)")
     max_steps: int | None = _opt(None, check=at_least(1), doc="stop after this many steps")
 
 

@@ -23,8 +23,15 @@ def setup(clipping="flat", *, sigma=0.0, clip_norm=0.5, batch=12, lr=0.0, backen
     loader = DataLoader(TensorDataset(x, y), batch_size=batch // 2)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     pt = make_private(
-        model, opt, loader, noise_multiplier=sigma, clip_norm=clip_norm, clipping=clipping,
-        grad_sample_mode=backend, seed=0, **kw,
+        model,
+        opt,
+        loader,
+        noise_multiplier=sigma,
+        clip_norm=clip_norm,
+        clipping=clipping,
+        grad_sample_mode=backend,
+        seed=0,
+        **kw,
     )
     return pt, x, y
 
@@ -42,7 +49,7 @@ def reference_grads(pt, x, y):
     return microbatch_grads(ref, x, y, loss_fn)
 
 
-# -- DiceSGD (spec 1.4) ---------------------------------------------------------------------------
+# -- DiceSGD (spec 1.4) --------------------------------------------------------------------------
 def test_dicesgd_without_clipping_or_noise_is_plain_sgd():
     # (i) sigma = 0 and C1, C2 effectively infinite: the update is SGD on the mean gradient
     pt, x, y = setup("dicesgd", clip_norm=1e9, dicesgd_options={"c2": 1e9}, lr=0.1)
@@ -61,15 +68,19 @@ def test_dicesgd_with_zero_c2_is_clipped_sgd():
     for _ in range(3):
         pt.train_step(x, y, loss_fn)
         ref.train_step(x2, y2, loss_fn)
-        assert torch.allclose(flat(p.grad for p in pt.optimizer.params),
-                              flat(p.grad for p in ref.optimizer.params), atol=1e-7)
+        assert torch.allclose(
+            flat(p.grad for p in pt.optimizer.params),
+            flat(p.grad for p in ref.optimizer.params),
+            atol=1e-7,
+        )
 
 
 @pytest.mark.parametrize("units", ["sum", "mean"])
 def test_dicesgd_buffer_identity_holds_exactly(units):
     # (iii) paper rule: E' = E + S_raw - v (sum units), step after step
-    pt, x, y = setup("dicesgd", clip_norm=0.05, dicesgd_options={"c2": 0.02, "c2_units": units},
-                     lr=0.05)
+    pt, x, y = setup(
+        "dicesgd", clip_norm=0.05, dicesgd_options={"c2": 0.02, "c2_units": units}, lr=0.05
+    )
     fb = pt.optimizer.error_feedback
     for step in range(4):
         e_before = flat(fb.buffer) if fb.buffer is not None else None
@@ -100,11 +111,16 @@ def test_dicesgd_code_rule_keeps_at_most_c2_of_a_large_buffer():
     assert float(paper.buffer[0].norm()) == pytest.approx(9.0, rel=1e-5)
 
 
-# -- adaptive clipping ------------------------------------------------------------------------------
+# -- adaptive clipping ---------------------------------------------------------------------------
 @pytest.mark.parametrize("start,direction", [(1e-3, +1), (1e3, -1)])
 def test_adaptive_clip_moves_towards_the_target_quantile(start, direction):
-    pt, x, y = setup("adaptive", sigma=1.0, clip_norm=start, batch=40,
-                     clip_options={"target_quantile": 0.5, "clip_lr": 0.2})
+    pt, x, y = setup(
+        "adaptive",
+        sigma=1.0,
+        clip_norm=start,
+        batch=40,
+        clip_options={"target_quantile": 0.5, "clip_lr": 0.2},
+    )
     clips = [pt.optimizer.policy.clip_norm]
     for _ in range(5):
         pt.train_step(x, y, loss_fn)
@@ -113,7 +129,7 @@ def test_adaptive_clip_moves_towards_the_target_quantile(start, direction):
     assert all(s * direction > 0 for s in steps), clips  # all samples clipped -> C grows
 
 
-# -- virtual steps and empty batches -----------------------------------------------------------------
+# -- virtual steps and empty batches -------------------------------------------------------------
 @pytest.mark.parametrize("backend", ["bk", "hooks", "ghost"])
 def test_virtual_steps_equal_one_big_batch(backend):
     whole, x, y = setup(backend=backend, clip_norm=0.2)
@@ -121,8 +137,12 @@ def test_virtual_steps_equal_one_big_batch(backend):
     whole.train_step(x, y, loss_fn)
     split.train_step(x, y, loss_fn)
     assert split.optimizer.last_stats["physical_batches"] == 3
-    assert torch.allclose(flat(p.grad for p in whole.optimizer.params),
-                          flat(p.grad for p in split.optimizer.params), rtol=1e-5, atol=1e-7)
+    assert torch.allclose(
+        flat(p.grad for p in whole.optimizer.params),
+        flat(p.grad for p in split.optimizer.params),
+        rtol=1e-5,
+        atol=1e-7,
+    )
 
 
 def test_empty_poisson_batch_still_releases_noise_and_is_accounted():
@@ -133,13 +153,20 @@ def test_empty_poisson_batch_still_releases_noise_and_is_accounted():
     assert pt.ledger.history("central") == [Phase(1.0, 0.5, 1)]
 
 
-# -- budgets ----------------------------------------------------------------------------------------
+# -- budgets -------------------------------------------------------------------------------------
 def test_target_epsilon_run_never_ends_above_its_budget():
     # Prepare: calibrated for 2 epochs; the loop then tries to train for 5
     model, x, y = make_case("cnn", batch=60)
     loader = DataLoader(TensorDataset(x, y), batch_size=6)
-    pt = make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), loader,
-                      target_epsilon=2.0, epochs=2, delta=1e-5, seed=0)
+    pt = make_private(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        loader,
+        target_epsilon=2.0,
+        epochs=2,
+        delta=1e-5,
+        seed=0,
+    )
     steps = 0
     # Execute
     with pytest.raises(PrivacyBudgetError):
@@ -165,7 +192,7 @@ def test_refused_step_releases_nothing():
     assert all(float(s.abs().sum()) == 0 for s in pt.optimizer._clipped)
 
 
-# -- checkpoints ------------------------------------------------------------------------------------
+# -- checkpoints ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("clipping", ["flat", "adaptive", "dicesgd"])
 def test_restore_after_save_gives_bit_identical_next_steps(clipping):
     def run(pt, n):

@@ -1,0 +1,150 @@
+"""``dpfl train``: centralized private training on the embedded default (digits, small CNN)."""
+
+from __future__ import annotations
+
+import math
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from dpfl.cli.common import DEFAULT_STORE, StoreOption, console, err_console, fmt_eps
+from dpfl.cli.main import app
+from dpfl.config import load_config
+from dpfl.jsonutil import dumps
+from dpfl.store import RunStore
+
+
+class Clipping(str, Enum):
+    flat = "flat"
+    per_layer = "per-layer"
+    adaptive = "adaptive"
+    automatic = "automatic"
+    dicesgd = "dicesgd"
+
+
+class GradSample(str, Enum):
+    hooks = "hooks"
+    functorch = "functorch"
+    ghost = "ghost"
+    bk = "bk"
+
+
+@app.command()
+def train(
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="TOML config file.", dir_okay=False)
+    ] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config key: section.key=value (repeatable)."),
+    ] = None,
+    clipping: Annotated[
+        Clipping | None, typer.Option("--clipping", help="Clip policy (privacy.clipping).")
+    ] = None,
+    grad_sample: Annotated[
+        GradSample | None,
+        typer.Option("--grad-sample", help="Per-sample norm backend (privacy.grad-sample-mode)."),
+    ] = None,
+    epsilon: Annotated[
+        float | None, typer.Option("--epsilon", help="Target epsilon (privacy.target-epsilon).")
+    ] = None,
+    epochs: Annotated[
+        float | None, typer.Option("--epochs", help="Training epochs (training.epochs).")
+    ] = None,
+    non_private: Annotated[
+        bool,
+        typer.Option(
+            "--non-private",
+            help="Train without DP (baseline; lower optimizer.lr to ~0.2: the default is for DP).",
+        ),
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot", help="Write accuracy/epsilon per epoch to this PNG.", dir_okay=False
+        ),
+    ] = None,
+    store: StoreOption = DEFAULT_STORE,
+) -> None:
+    """Centralized DP-SGD training (default: scikit-learn digits, small CNN)."""
+    from dpfl.clients.central import train_central
+
+    sets = list(overrides or [])
+    if clipping is not None:
+        sets.append(f"privacy.clipping='{clipping.value}'")
+    if grad_sample is not None:
+        sets.append(f"privacy.grad-sample-mode='{grad_sample.value}'")
+    if epsilon is not None:
+        sets.append(f"privacy.target-epsilon={epsilon!r}")
+    if epochs is not None:
+        sets.append(f"training.epochs={epochs!r}")
+    if non_private:
+        sets += ["privacy.enabled=false"]
+    cfg = load_config(config, sets)
+
+    with RunStore(store) as s, s.run("train", cfg.to_dict(), name=cfg.name, seed=cfg.seed) as run:
+        progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TimeElapsedColumn(),
+            console=err_console,
+            disable=as_json,
+            transient=True,
+        )
+        with progress:
+            task = progress.add_task("train", total=None, loss="-")
+
+            def on_step(step: int, planned: int, loss: float) -> None:
+                shown = "-" if math.isnan(loss) else f"{loss:.3f}"
+                progress.update(task, completed=step, total=planned, loss=shown)
+
+            result = train_central(cfg, run, on_step)
+        summary = {
+            "run": run.run_id,
+            "accuracy": result.accuracy,
+            "test_loss": result.test_loss,
+            "epsilon": result.epsilon,
+            "delta": result.delta,
+            "noise_multiplier": result.noise_multiplier,
+            "steps": result.train.steps,
+            "steps_planned": result.steps_planned,
+            "stopped": result.train.stopped,
+            "seconds": result.train.seconds,
+            "clipping": cfg.privacy.clipping if cfg.privacy.enabled else "none",
+            "grad_sample_mode": cfg.privacy.grad_sample_mode if cfg.privacy.enabled else "none",
+        }
+        run.finish("completed", summary=summary)
+        if plot is not None:
+            from dpfl.store import run_to_dict
+            from dpfl.store.plot import plot_run
+
+            plot_run(run_to_dict(s, run.run_id), plot)
+
+    if as_json:
+        console.print(dumps(summary), markup=False)
+        return
+    table = Table(title=f"dpfl train: {cfg.data.name} / {cfg.model.name} (run {run.run_id})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("test accuracy", f"{result.accuracy:.4f}")
+    table.add_row("test loss", f"{result.test_loss:.4f}")
+    table.add_row(
+        f"epsilon ({cfg.privacy.accountant}, delta={cfg.privacy.delta:g})", fmt_eps(result.epsilon)
+    )
+    if result.noise_multiplier is not None:
+        table.add_row("noise multiplier", f"{result.noise_multiplier:.4f}")
+    table.add_row("clipping / backend", f"{summary['clipping']} / {summary['grad_sample_mode']}")
+    table.add_row(
+        "steps", f"{result.train.steps} of {result.steps_planned} ({result.train.stopped})"
+    )
+    table.add_row("time", f"{result.train.seconds:.1f}s")
+    console.print(table)
+    if result.train.budget_message:
+        console.print(f"stopped: {result.train.budget_message}", markup=False)

@@ -1,0 +1,107 @@
+"""The Flower-free private training loop: used by ``dpfl train`` and, per client, by the
+federation.
+
+It runs a planned number of logical steps (``epochs / q``, or ``max_steps``) over a
+:class:`~dpfl.privacy.PrivateTraining`, and stops early, without releasing anything, when the
+privacy budget would be exceeded by the next step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from dpfl.accountants import steps_for_epochs
+from dpfl.errors import PrivacyBudgetError
+from dpfl.privacy import PrivateTraining
+
+__all__ = ["LocalTrainResult", "cross_entropy_per_sample", "evaluate", "train_private"]
+
+
+def cross_entropy_per_sample(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(output, target, reduction="none")
+
+
+@dataclass
+class LocalTrainResult:
+    steps: int
+    stopped: str  # "completed" | "budget"
+    mean_loss: float
+    epsilon: float
+    seconds: float
+    budget_message: str | None = None
+
+
+def train_private(
+    pt: PrivateTraining,
+    *,
+    epochs: float | None = None,
+    max_steps: int | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy_per_sample,
+    on_step: Callable[[int, float], None] | None = None,
+    on_epoch: Callable[[int], None] | None = None,
+) -> LocalTrainResult:
+    """Trains for ``epochs`` expected passes (or ``max_steps`` steps, whichever is smaller).
+
+    ``on_step(step, loss)`` is called after each step, ``on_epoch(epoch)`` after each full pass
+    of the loader (1/q steps).
+    """
+    planned = max_steps if epochs is None else steps_for_epochs(epochs, pt.sample_rate)
+    if max_steps is not None:
+        planned = min(planned, max_steps)
+    if planned is None or planned < 1:
+        raise ValueError("train_private needs epochs or max_steps >= 1")
+    start = time.perf_counter()
+    steps, loss_sum, loss_n = 0, 0.0, 0
+    stopped, message, epoch = "completed", None, 0
+    while steps < planned:
+        for x, y in pt.data_loader:
+            try:
+                loss = pt.train_step(x, y, loss_fn)
+            except PrivacyBudgetError as e:
+                stopped, message = "budget", str(e)
+                break
+            steps += 1
+            if not math.isnan(loss):
+                loss_sum, loss_n = loss_sum + loss, loss_n + 1
+            if on_step is not None:
+                on_step(steps, loss)
+            if steps >= planned:
+                break
+        else:
+            epoch += 1
+            if on_epoch is not None:
+                on_epoch(epoch)
+            continue
+        if stopped == "budget":
+            break
+    return LocalTrainResult(
+        steps=steps,
+        stopped=stopped,
+        mean_loss=loss_sum / loss_n if loss_n else float("nan"),
+        epsilon=pt.epsilon(),
+        seconds=time.perf_counter() - start,
+        budget_message=message,
+    )
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 512) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of a classifier on ``dataset``."""
+    was_training = model.training
+    model.eval()
+    total_loss, correct, n = 0.0, 0, 0
+    for x, y in DataLoader(dataset, batch_size=batch_size):
+        out = model(x)
+        total_loss += float(F.cross_entropy(out, y, reduction="sum"))
+        correct += int((out.argmax(1) == y).sum())
+        n += int(y.numel())
+    model.train(was_training)
+    return total_loss / max(n, 1), correct / max(n, 1)
