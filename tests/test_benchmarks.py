@@ -24,3 +24,22 @@ def test_accountants_benchmark_quick_prints_its_json_figures():
         for steps in ("1e3", "1e4", "1e5"):
             assert figures[f"{acc}_{steps}_s"] > 0
         assert figures[f"calibrate_{acc}_s"] > 0
+
+
+@pytest.mark.slow
+def test_dp_overhead_benchmark_quick_prints_every_named_ratio():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "dp_overhead.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    for backend in ("hooks", "functorch", "ghost", "bk"):
+        assert figures[f"cnn_{backend}_time_ratio"] > 0
+        assert figures[f"cnn_{backend}_mem_ratio"] > 0
+        assert figures[f"minilm_lora_{backend}_time_ratio"] > 0
+    assert figures["minilm_lora_time_ratio"] == min(
+        figures[f"minilm_lora_{b}_time_ratio"] for b in ("hooks", "functorch", "ghost", "bk")
+    )

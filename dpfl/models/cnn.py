@@ -27,7 +27,7 @@ class SmallCNN(nn.Module):
             nn.Conv2d(16, 32, 3, padding=1),
             nn.GroupNorm(8, 32),
             nn.ReLU(),
-            nn.AdaptiveMaxPool2d(4),
+            nn.MaxPool2d(2) if image_size == 8 else nn.AdaptiveMaxPool2d(4),
         )
         self.classifier = nn.Sequential(
             nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, num_classes)

@@ -24,21 +24,23 @@ class TinySeq(nn.Module):
 
 
 class TiedConv(nn.Module):
-    """Conv on 4x4 maps (ghost-norm path of the conv), a Linear called twice (one parameter, two
-    calls) and an output layer tied to an embedding (one parameter, two modules)."""
+    """Conv on 4x4 maps (ghost-norm path of the conv), a grouped strided conv, a Linear called
+    twice (one parameter, two calls) and an output layer tied to an embedding (one parameter,
+    two modules)."""
 
     def __init__(self, classes: int = 5) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 32, 3, padding=1)
         self.norm = nn.GroupNorm(4, 32)
-        self.proj = nn.Linear(32 * 16, 24)
+        self.gconv = nn.Conv2d(32, 32, 3, padding=1, groups=4, stride=2)
+        self.proj = nn.Linear(32 * 4, 24)
         self.twice = nn.Linear(24, 24)
         self.emb = nn.Embedding(classes, 24)
         self.out = nn.Linear(24, classes, bias=False)
         self.out.weight = self.emb.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.norm(self.conv(x))).flatten(1)
+        h = self.gconv(torch.relu(self.norm(self.conv(x)))).flatten(1)
         h = torch.tanh(self.twice(torch.tanh(self.twice(self.proj(h)))))
         bias = self.emb(torch.zeros(x.shape[0], dtype=torch.long))
         return self.out(h + bias)

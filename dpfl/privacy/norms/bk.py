@@ -26,7 +26,7 @@ backward passes, #683), and fastDP is not a dependency and patches modules globa
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -58,13 +58,6 @@ class _Record(torch.autograd.Function):
         return grad, None, None
 
 
-@dataclass
-class _Call:
-    module: nn.Module
-    a: Tensor
-    b: Tensor | None = None
-
-
 # -- per-layer math ------------------------------------------------------------------------------
 # Each handler maps one call's (a, b) (b already per-sample: scaled for loss_reduction="mean") to
 #   norms2(m, a, b)        -> {param: [B] squared per-sample norms}, plus a cache for clipped()
@@ -76,37 +69,45 @@ def _flat3(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     return a.reshape(a.shape[0], -1, a.shape[-1]), b.reshape(b.shape[0], -1, b.shape[-1])
 
 
+def _sq_norms(g: Tensor) -> Tensor:
+    """Squared L2 norm of each sample's slice ``g[i]`` (no squared copy of ``g``)."""
+    return torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1).pow(2)
+
+
 class _Linear:
     @staticmethod
     def norms2(m: nn.Linear, a: Tensor, b: Tensor, cache: dict) -> dict:
         a3, b3 = _flat3(a, b)
         _, t, d_in = a3.shape
         out: dict = {}
-        if t == 1:
-            out[m.weight] = a3.pow(2).sum((1, 2)) * b3.pow(2).sum((1, 2))
-        elif 2 * t * t <= d_in * b3.shape[-1]:
-            out[m.weight] = (
-                torch.bmm(a3, a3.transpose(1, 2)) * torch.bmm(b3, b3.transpose(1, 2))
-            ).sum((1, 2))
+        if t == 1 or 2 * t * t <= d_in * b3.shape[-1]:
+            if t == 1:
+                out[m.weight] = _sq_norms(a3) * _sq_norms(b3)
+            else:
+                gram_a = torch.bmm(a3, a3.transpose(1, 2))
+                out[m.weight] = (gram_a * torch.bmm(b3, b3.transpose(1, 2))).sum((1, 2))
+            cache["a3"], cache["b3"] = a3, b3
         else:
             g = torch.bmm(b3.transpose(1, 2), a3)
             cache["g"] = g
-            out[m.weight] = g.pow(2).sum((1, 2))
+            out[m.weight] = _sq_norms(g)
         if m.bias is not None:
-            out[m.bias] = b3.sum(1).pow(2).sum(1)
+            bias = b3.sum(1)
+            cache["bias"] = bias
+            out[m.bias] = bias.pow(2).sum(1)
         return out
 
     @staticmethod
-    def clipped(m: nn.Linear, a: Tensor, b: Tensor, f: dict, cache: dict) -> dict:
-        a3, b3 = _flat3(a, b)
+    def clipped(m: nn.Linear, f: dict, cache: dict) -> dict:
         out: dict = {}
         if m.weight in f:
             if "g" in cache:
                 out[m.weight] = torch.einsum("b,boi->oi", f[m.weight], cache["g"])
             else:
-                out[m.weight] = torch.einsum("bto,bti->oi", b3 * f[m.weight][:, None, None], a3)
+                b3 = cache["b3"] * f[m.weight][:, None, None]
+                out[m.weight] = b3.flatten(0, 1).T @ cache["a3"].flatten(0, 1)
         if m.bias is not None and m.bias in f:
-            out[m.bias] = torch.einsum("b,bo->o", f[m.bias], b3.sum(1))
+            out[m.bias] = f[m.bias] @ cache["bias"]
         return out
 
     @staticmethod
@@ -119,56 +120,73 @@ class _Linear:
 
 
 class _Conv2d:
-    @staticmethod
-    def supports(m: nn.Conv2d) -> bool:
-        return m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+    """Per-sample conv gradients come from ONE grouped weight-gradient convolution (the batch
+    folded into the groups), which runs at about the cost of the ordinary weight gradient it
+    replaces; the ghost norm (Gram matrices of unfolded patches) is used instead when it is
+    smaller in memory (2 L^2 <= D O, L output positions, D = C_in k k, O = C_out)."""
 
     @staticmethod
-    def _unfold(m: nn.Conv2d, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-        u = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
-        return u, b.reshape(b.shape[0], b.shape[1], -1)  # [B, D, L], [B, O, L]
+    def supports(m: nn.Conv2d) -> bool:
+        return m.padding_mode == "zeros" and not isinstance(m.padding, str)
+
+    @staticmethod
+    def _ghost(m: nn.Conv2d, b: Tensor) -> bool:
+        length = b.shape[2] * b.shape[3]
+        d = m.weight[0].numel()
+        return 2 * length * length <= d * m.out_channels
+
+    @staticmethod
+    def _instantiate(m: nn.Conv2d, a: Tensor, b: Tensor) -> Tensor:
+        n = a.shape[0]
+        g = torch.nn.grad.conv2d_weight(
+            a.reshape(1, n * a.shape[1], *a.shape[2:]),
+            (n * m.out_channels, *m.weight.shape[1:]),
+            b.reshape(1, n * b.shape[1], *b.shape[2:]),
+            stride=m.stride,
+            padding=m.padding,
+            dilation=m.dilation,
+            groups=n * m.groups,
+        )
+        return g.reshape(n, *m.weight.shape)
 
     @staticmethod
     def norms2(m: nn.Conv2d, a: Tensor, b: Tensor, cache: dict) -> dict:
-        u, b3 = _Conv2d._unfold(m, a, b)
-        cache["u"] = u
-        length, d, o = u.shape[2], u.shape[1], b3.shape[1]
         out: dict = {}
-        if 2 * length * length <= d * o:
-            gram_u = torch.bmm(u.transpose(1, 2), u)
-            gram_b = torch.bmm(b3.transpose(1, 2), b3)
-            out[m.weight] = (gram_u * gram_b).sum((1, 2))
+        if m.groups == 1 and _Conv2d._ghost(m, b):
+            u = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+            b3 = b.reshape(b.shape[0], b.shape[1], -1)
+            gram = torch.bmm(u.transpose(1, 2), u) * torch.bmm(b3.transpose(1, 2), b3)
+            out[m.weight] = gram.sum((1, 2))
+            cache["u"], cache["b3"] = u, b3
         else:
-            g = torch.bmm(b3, u.transpose(1, 2))
+            g = _Conv2d._instantiate(m, a, b)
             cache["g"] = g
-            out[m.weight] = g.pow(2).sum((1, 2))
+            out[m.weight] = _sq_norms(g)
         if m.bias is not None:
-            out[m.bias] = b3.sum(2).pow(2).sum(1)
+            bias = b.sum((2, 3))
+            cache["bias"] = bias
+            out[m.bias] = bias.pow(2).sum(1)
         return out
 
     @staticmethod
-    def clipped(m: nn.Conv2d, a: Tensor, b: Tensor, f: dict, cache: dict) -> dict:
-        u = cache.get("u")
-        if u is None:
-            u, b3 = _Conv2d._unfold(m, a, b)
-        b3 = b.reshape(b.shape[0], b.shape[1], -1)
+    def clipped(m: nn.Conv2d, f: dict, cache: dict) -> dict:
         out: dict = {}
         if m.weight in f:
             if "g" in cache:
-                w = torch.einsum("b,bod->od", f[m.weight], cache["g"])
+                w = torch.einsum("b,b...->...", f[m.weight], cache["g"])
             else:
-                w = torch.einsum("bol,bdl->od", b3 * f[m.weight][:, None, None], u)
-            out[m.weight] = w.reshape(m.weight.shape)
+                b3 = cache["b3"] * f[m.weight][:, None, None]
+                w = torch.einsum("bol,bdl->od", b3, cache["u"]).reshape(m.weight.shape)
+            out[m.weight] = w
         if m.bias is not None and m.bias in f:
-            out[m.bias] = torch.einsum("b,bo->o", f[m.bias], b3.sum(2))
+            out[m.bias] = f[m.bias] @ cache["bias"]
         return out
 
     @staticmethod
     def per_sample(m: nn.Conv2d, a: Tensor, b: Tensor) -> dict:
-        u, b3 = _Conv2d._unfold(m, a, b)
-        out = {m.weight: torch.bmm(b3, u.transpose(1, 2)).reshape(b.shape[0], *m.weight.shape)}
+        out = {m.weight: _Conv2d._instantiate(m, a, b)}
         if m.bias is not None:
-            out[m.bias] = b3.sum(2)
+            out[m.bias] = b.sum((2, 3))
         return out
 
 
@@ -188,16 +206,15 @@ class _Embedding:
     @staticmethod
     def norms2(m: nn.Embedding, a: Tensor, b: Tensor, cache: dict) -> dict:
         ids, b3 = _Embedding._masked(m, a, b)
+        cache["ids"], cache["b3"] = ids, b3
         same = (ids.unsqueeze(2) == ids.unsqueeze(1)).to(b3.dtype)
         return {m.weight: (same * torch.bmm(b3, b3.transpose(1, 2))).sum((1, 2))}
 
     @staticmethod
-    def clipped(m: nn.Embedding, a: Tensor, b: Tensor, f: dict, cache: dict) -> dict:
-        ids, b3 = _Embedding._masked(m, a, b)
+    def clipped(m: nn.Embedding, f: dict, cache: dict) -> dict:
+        b3 = cache["b3"] * f[m.weight][:, None, None]
         out = torch.zeros_like(m.weight)
-        out.index_add_(
-            0, ids.reshape(-1), (b3 * f[m.weight][:, None, None]).reshape(-1, b3.shape[-1])
-        )
+        out.index_add_(0, cache["ids"].reshape(-1), b3.reshape(-1, b3.shape[-1]))
         return {m.weight: out}
 
     @staticmethod
@@ -256,10 +273,15 @@ def _handler(m: nn.Module):
 class BookKeepingBackend:
     """Attaches to ``model`` (in place; no wrapper) and computes clipped sums in one backward.
 
+    Each layer's contribution is reduced as soon as its output gradient arrives during the
+    backward pass: its per-sample norms are added up, and only what the clipped sum needs is kept
+    (the small per-sample gradients of norm layers and convolutions, or ``(a, b)`` for linear
+    layers); the rest is freed before the next layer's gradient exists.
+
     Args:
         model: any module whose trainable parameters live in supported layers.
         loss_reduction: ``"mean"`` if the backpropagated loss is the mean over the physical batch
-            (backprops are then rescaled to per-sample gradients), ``"sum"`` otherwise.
+            (per-sample gradients are then ``batch`` times the recorded ones), ``"sum"`` otherwise.
     """
 
     name = "bk"
@@ -269,8 +291,9 @@ class BookKeepingBackend:
         self.model = model
         self.loss_reduction = loss_reduction
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self._index = {id(p): i for i, p in enumerate(self.params)}
         owners: dict[int, int] = {}
-        self._modules: list[nn.Module] = []
+        modules: list[nn.Module] = []
         for name, m in model.named_modules():
             own = [p for p in m.parameters(recurse=False) if p.requires_grad]
             if not own:
@@ -283,14 +306,22 @@ class BookKeepingBackend:
                 )
             for p in own:
                 owners[id(p)] = owners.get(id(p), 0) + 1
-            self._modules.append(m)
+            modules.append(m)
         self._tied = {pid for pid, n in owners.items() if n > 1}
-        self._calls: list[_Call] = []
         self._trigger = torch.zeros((), requires_grad=True)
-        self._handles = [m.register_forward_hook(self._capture) for m in self._modules]
+        self._handles = [m.register_forward_hook(self._capture) for m in modules]
         self._handles.append(model.register_forward_pre_hook(self._detach_params))
         self._handles.append(model.register_forward_hook(self._restore_params))
         self._detached = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self._calls_per_param: dict[int, int] = {}
+        self._pending: list[tuple[nn.Module, Any, dict]] = []  # (module, handler, cache)
+        self._instantiated: dict[int, Tensor] = {}
+        self._norms2: Tensor | None = None
+        self._seen: set[int] = set()
+        self._batch: int | None = None
 
     # -- hooks ------------------------------------------------------------------------------------
     def _detach_params(self, module, args) -> None:
@@ -308,34 +339,56 @@ class BookKeepingBackend:
     def _capture(self, module: nn.Module, args, output):
         if not (torch.is_grad_enabled() and self._detached) or not isinstance(output, Tensor):
             return None
-        call = _Call(module, args[0].detach())
-        self._calls.append(call)
+        for p in module.parameters(recurse=False):
+            if id(p) in self._index:
+                self._calls_per_param[id(p)] = self._calls_per_param.get(id(p), 0) + 1
+        held = [args[0].detach()]  # released as soon as the layer's gradient is reduced
 
-        def sink(grad: Tensor, call: _Call = call) -> None:
-            call.b = grad if call.b is None else call.b + grad
+        def sink(grad: Tensor) -> None:
+            self._reduce(module, held.pop(), grad)
 
         return _Record.apply(output, self._trigger, sink)
+
+    def _reduce(self, m: nn.Module, a: Tensor, b: Tensor) -> None:
+        """Folds one call's (a, b) into the running norms and keeps what the sum needs."""
+        batch = a.shape[0]
+        if self._batch is None:
+            self._batch = batch
+            self._norms2 = torch.zeros(batch, len(self.params), dtype=b.dtype)
+        elif batch != self._batch:
+            raise IncompatibleModelError(
+                f"layers saw batches of {self._batch} and {batch} samples in one backward; "
+                "run one forward per backward"
+            )
+        h = _handler(m)
+        own = [p for p in m.parameters(recurse=False) if id(p) in self._index]
+        shared = any(id(p) in self._tied or self._calls_per_param.get(id(p), 0) > 1 for p in own)
+        if h in (_Affine, _OpacusFallback) or shared:
+            for p, g in h.per_sample(m, a, b).items():
+                k = id(p)
+                self._instantiated[k] = (
+                    g if k not in self._instantiated else self._instantiated[k] + g
+                )
+            return
+        cache: dict = {}
+        for p, n2 in h.norms2(m, a, b, cache).items():
+            self._norms2[:, self._index[id(p)]] += n2
+            self._seen.add(id(p))
+        self._pending.append((m, h, cache))
 
     def detach(self) -> None:
         """Removes every hook; the model is left as it was."""
         for h in self._handles:
             h.remove()
         self._handles = []
-        self._calls = []
+        self._reset()
 
     # -- after backward ---------------------------------------------------------------------------
     def has_pending(self) -> bool:
-        return any(c.b is not None for c in self._calls)
+        return self._batch is not None
 
     def clear(self) -> None:
-        self._calls = []
-
-    def _ready_calls(self) -> list[_Call]:
-        calls = [c for c in self._calls if c.b is not None]
-        for c in calls:
-            if self.loss_reduction == "mean":
-                c.b = c.b * c.a.shape[0]
-        return calls
+        self._reset()
 
     def clip_and_accumulate(
         self,
@@ -343,73 +396,41 @@ class BookKeepingBackend:
         clipped_out: list[Tensor],
         raw_out: list[Tensor] | None = None,
     ) -> Tensor:
-        """Computes norms ``[B, P]``, factors ``factor_fn(norms)``, and adds the clipped sums to
-        ``clipped_out`` (and the unclipped sums to ``raw_out`` if given). Returns the norms."""
-        calls = self._ready_calls()
-        self._calls = []
-        if not calls:
+        """Per-sample norms ``[B, P]`` -> ``factor_fn`` -> clipped sums added to ``clipped_out``
+        (and unclipped sums to ``raw_out`` if given). Returns the norms."""
+        if self._batch is None:
             raise IncompatibleModelError(
                 "no per-sample gradients were recorded: call backward first"
             )
-        batch = calls[0].a.shape[0]
-        index = {p: i for i, p in enumerate(self.params)}
-        norms2 = torch.zeros(batch, len(self.params), dtype=calls[0].b.dtype)
-        seen = torch.zeros(len(self.params), dtype=torch.bool)
-        per_param_calls: dict[int, list[_Call]] = {}
-        for c in calls:
-            for p in c.module.parameters(recurse=False):
-                if p.requires_grad:
-                    per_param_calls.setdefault(id(p), []).append(c)
-        shared = {pid for pid, cs in per_param_calls.items() if len(cs) > 1} | self._tied
-        caches: list[dict] = []
-        instantiated: dict[int, Tensor] = {}
-        for c in calls:
-            cache: dict = {}
-            caches.append(cache)
-            h = _handler(c.module)
-            own = [p for p in c.module.parameters(recurse=False) if p.requires_grad]
-            if h in (_Affine, _OpacusFallback) or any(id(p) in shared for p in own):
-                cache["ps"] = h.per_sample(c.module, c.a, c.b)
-                for p, g in cache["ps"].items():
-                    instantiated[id(p)] = (
-                        g if id(p) not in instantiated else instantiated[id(p)] + g
-                    )
-            else:
-                for p, n2 in h.norms2(c.module, c.a, c.b, cache).items():
-                    norms2[:, index[p]] += n2
-                    seen[index[p]] = True
-        for p in self.params:
-            if id(p) in instantiated:
-                g = instantiated[id(p)]
-                norms2[:, index[p]] += g.reshape(batch, -1).pow(2).sum(1)
-                seen[index[p]] = True
-        if not bool(seen.all()):
-            missing = [i for i, s in enumerate(seen.tolist()) if not s]
+        norms2 = self._norms2
+        for k, g in self._instantiated.items():
+            norms2[:, self._index[k]] += _sq_norms(g)
+            self._seen.add(k)
+        if len(self._seen) != len(self.params):
+            missing = len(self.params) - len(self._seen)
+            self._reset()
             raise IncompatibleModelError(
-                f"{len(missing)} trainable parameter tensor(s) got no per-sample gradient (is a "
+                f"{missing} trainable parameter tensor(s) got no per-sample gradient (is a "
                 "module used without calling its forward, e.g. inside nn.MultiheadAttention?); "
                 "use grad-sample-mode hooks"
             )
-        norms = norms2.clamp_min(0).sqrt()
-        factors = factor_fn(norms)  # [B, P]
-        f_by_param = {p: factors[:, index[p]] for p in self.params}
-        ones = torch.ones(batch, dtype=norms.dtype)
-        for c, cache in zip(calls, caches, strict=True):
-            if "ps" in cache:
-                continue
-            h = _handler(c.module)
-            own = [p for p in c.module.parameters(recurse=False) if p.requires_grad]
-            for p, g in h.clipped(
-                c.module, c.a, c.b, {p: f_by_param[p] for p in own}, cache
-            ).items():
-                clipped_out[index[p]].add_(g)
+        # a mean-reduced loss recorded b / batch: rescale norms and factors, not the tensors
+        scale = float(self._batch) if self.loss_reduction == "mean" else 1.0
+        norms = norms2.clamp_min(0).sqrt() * scale
+        factors = factor_fn(norms) * scale  # [B, P]
+        columns = {k: factors[:, i] for k, i in self._index.items()}
+        ones = torch.full((self._batch,), scale, dtype=norms.dtype) if raw_out is not None else None
+        for m, h, cache in self._pending:
+            own = [p for p in m.parameters(recurse=False) if id(p) in self._index]
+            for p, g in h.clipped(m, {p: columns[id(p)] for p in own}, cache).items():
+                clipped_out[self._index[id(p)]].add_(g)
+            if ones is not None:
+                for p, g in h.clipped(m, {p: ones for p in own}, cache).items():
+                    raw_out[self._index[id(p)]].add_(g)
+        for k, g in self._instantiated.items():
+            i = self._index[k]
+            clipped_out[i].add_(torch.einsum("b,b...->...", columns[k], g))
             if raw_out is not None:
-                for p, g in h.clipped(c.module, c.a, c.b, {p: ones for p in own}, cache).items():
-                    raw_out[index[p]].add_(g)
-        for p in self.params:
-            if id(p) in instantiated:
-                g = instantiated[id(p)]
-                clipped_out[index[p]].add_(torch.einsum("b,b...->...", f_by_param[p], g))
-                if raw_out is not None:
-                    raw_out[index[p]].add_(g.sum(0))
+                raw_out[i].add_(g.sum(0) * scale)
+        self._reset()
         return norms
