@@ -244,6 +244,14 @@ class PrivacyLedger:
             "events": [e.to_dict() for e in self._events],
         }
 
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Replaces this ledger's contents (not its sink) with a saved state."""
+        restored = self.from_state_dict(state)
+        self.accountant, self.delta = restored.accountant, restored.delta
+        self.target_epsilon = restored.target_epsilon
+        self._histories, self._events = restored._histories, restored._events
+        self._epsilons, self._windows = {}, {}
+
     @classmethod
     def from_state_dict(
         cls, state: Mapping[str, Any], *, sink: Sink | None = None

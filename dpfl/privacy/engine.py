@@ -183,8 +183,7 @@ class PrivateTraining:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.sampler_generator is not None and state.get("sampler_generator") is not None:
             self.sampler_generator.set_state(state["sampler_generator"])
-        restored = PrivacyLedger.from_state_dict(state["ledger"], sink=self.ledger._sink)
-        self.ledger.__dict__.update(restored.__dict__)
+        self.ledger.load_state_dict(state["ledger"])
 
     def detach(self) -> None:
         """Removes the per-sample hooks from the model."""

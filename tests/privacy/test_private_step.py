@@ -195,3 +195,18 @@ def test_noise_is_reproducible_from_the_seed_and_differs_across_seeds():
 
     assert torch.equal(grads(1), grads(1))
     assert not torch.equal(grads(1), grads(2))
+
+
+def test_secure_mode_noise_has_the_right_std_and_ignores_the_seed():
+    def noise(seed):
+        pt, _, x, y = build(
+            "cnn", "bk", "flat", sigma=1.0, clip_norm=1.0, seed=seed, secure_mode=True
+        )
+        pt.train_step(x[:0], y[:0], loss_fn)  # empty batch: the release is pure noise
+        return torch.cat([p.grad.flatten() for p in pt.optimizer.params]).double() * 6.0
+
+    a, b = noise(0), noise(0)
+    assert not torch.equal(a, b)  # OS randomness, not the seeded generator
+    n = a.numel()
+    assert abs(float(a.std()) - 1.0) < 5 / math.sqrt(2 * n)
+    assert stats.kstest(a.numpy(), "norm").pvalue > 1e-4
