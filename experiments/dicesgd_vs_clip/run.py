@@ -25,7 +25,9 @@ from dpfl.config import load_config
 HERE = Path(__file__).parent
 
 
-def run_one(method: str, epsilon: float, seed: int, clip: float, epochs: float, base_lr: float):
+def run_one(
+    method: str, epsilon: float, seed: int, clip: float, epochs: float, base_lr: float, ratio: float
+):
     sets = [
         f"seed={seed}",
         f"privacy.target-epsilon={epsilon}",
@@ -40,7 +42,7 @@ def run_one(method: str, epsilon: float, seed: int, clip: float, epochs: float, 
         # AUTO-S: every contribution has norm < C; same lr scaling
         sets.append("privacy.clipping='automatic'")
     elif method == "dicesgd":
-        sets += ["privacy.clipping='dicesgd'", f"privacy.dicesgd-c2={clip}"]
+        sets += ["privacy.clipping='dicesgd'", f"privacy.dicesgd-c2={clip * ratio}"]
     result = train_central(load_config(None, sets))
     return {
         "accuracy": result.accuracy,
@@ -56,6 +58,7 @@ def main() -> None:
     parser.add_argument("--clip", type=float, default=0.1)
     parser.add_argument("--epochs", type=float, default=10)
     parser.add_argument("--base-lr", type=float, default=0.5)
+    parser.add_argument("--c2-ratio", type=float, default=1.0, help="DiceSGD C2 / C1 (sum units)")
     parser.add_argument("--out", default=str(HERE / "results.json"))
     args = parser.parse_args()
     rows = []
@@ -63,7 +66,7 @@ def main() -> None:
         for method in ("dp-sgd", "automatic", "dicesgd"):
             accs = []
             for seed in range(args.seeds):
-                r = run_one(method, eps, seed, args.clip, args.epochs, args.base_lr)
+                r = run_one(method, eps, seed, args.clip, args.epochs, args.base_lr, args.c2_ratio)
                 accs.append(r["accuracy"])
                 print(f"eps={eps:g} {method:9s} seed={seed} acc={r['accuracy']:.4f}")
             rows.append(
@@ -71,6 +74,7 @@ def main() -> None:
                     "epsilon": eps,
                     "method": method,
                     "clip": args.clip,
+                    "c2_ratio": args.c2_ratio if method == "dicesgd" else None,
                     "accuracies": accs,
                     "mean": statistics.mean(accs),
                     "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
