@@ -1,9 +1,15 @@
-"""Tiny models covering every layer type the per-sample backends handle."""
+"""Tiny models covering every layer type the per-sample backends handle, and a private-step
+builder shared by the privacy tests."""
+
+import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from dpfl.models.cnn import SmallCNN
+from dpfl.privacy import make_private
 
 
 class TinySeq(nn.Module):
@@ -65,3 +71,27 @@ def make_case(name: str, batch: int = 12, seed: int = 0):
     else:
         raise ValueError(name)
     return model, x, y
+
+
+def loss_fn(out, y):
+    return F.cross_entropy(out, y, reduction="none")
+
+
+def build(case, backend, clipping, *, sigma=0.0, clip_norm=0.5, batch=12, seed=0, lr=0.0, **kw):
+    """(PrivateTraining, un-hooked copy of the initial model, x, y); q = 1/2, so B = batch / 2."""
+    model, x, y = make_case(case, batch=batch, seed=seed)
+    reference = copy.deepcopy(model)
+    loader = DataLoader(TensorDataset(x, y), batch_size=batch // 2)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    pt = make_private(
+        model,
+        opt,
+        loader,
+        noise_multiplier=sigma,
+        clip_norm=clip_norm,
+        clipping=clipping,
+        grad_sample_mode=backend,
+        seed=seed,
+        **kw,
+    )
+    return pt, reference, x, y

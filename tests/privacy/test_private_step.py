@@ -1,45 +1,18 @@
 """The private step against the microbatch reference, for every clip policy x backend."""
 
-import copy
 import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from scipy import stats
-from torch.utils.data import DataLoader, TensorDataset
 
 from dpfl.errors import ConfigError, IncompatibleModelError
-from dpfl.privacy import make_private
-from tests.privacy.models import make_case
+from tests.privacy.models import build, loss_fn
 from tests.reference import microbatch_grads, per_param_norms
 
 BACKENDS = ["hooks", "functorch", "ghost", "bk"]
 POLICIES = ["flat", "per-layer", "automatic", "adaptive", "dicesgd"]
 RTOL, ATOL = 1e-4, 1e-6  # float32 sums of a dozen per-sample gradients
-
-
-def loss_fn(out, y):
-    return F.cross_entropy(out, y, reduction="none")
-
-
-def build(case, backend, clipping, *, sigma=0.0, clip_norm=0.5, batch=12, seed=0, **kw):
-    model, x, y = make_case(case, batch=batch, seed=seed)
-    reference = copy.deepcopy(model)
-    loader = DataLoader(TensorDataset(x, y), batch_size=batch // 2)  # q = 1/2, B = batch/2
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    pt = make_private(
-        model,
-        opt,
-        loader,
-        noise_multiplier=sigma,
-        clip_norm=clip_norm,
-        clipping=clipping,
-        grad_sample_mode=backend,
-        seed=seed,
-        **kw,
-    )
-    return pt, reference, x, y
 
 
 def spy_factors(pt):

@@ -4,34 +4,18 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from dpfl.accountants import Phase, compute_epsilon
 from dpfl.errors import PrivacyBudgetError
 from dpfl.privacy import make_private
-from tests.privacy.models import make_case
+from tests.privacy.models import build, loss_fn, make_case
 from tests.reference import microbatch_grads
 
 
-def loss_fn(out, y):
-    return F.cross_entropy(out, y, reduction="none")
-
-
 def setup(clipping="flat", *, sigma=0.0, clip_norm=0.5, batch=12, lr=0.0, backend="bk", **kw):
-    model, x, y = make_case("cnn", batch=batch)
-    loader = DataLoader(TensorDataset(x, y), batch_size=batch // 2)
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    pt = make_private(
-        model,
-        opt,
-        loader,
-        noise_multiplier=sigma,
-        clip_norm=clip_norm,
-        clipping=clipping,
-        grad_sample_mode=backend,
-        seed=0,
-        **kw,
+    pt, _, x, y = build(
+        "cnn", backend, clipping, sigma=sigma, clip_norm=clip_norm, batch=batch, lr=lr, **kw
     )
     return pt, x, y
 
