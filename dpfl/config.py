@@ -276,23 +276,52 @@ class TrainingConfig(_Section):
     max_steps: int | None = _opt(None, check=at_least(1), doc="stop after this many steps")
 
 
+STRATEGIES = ("fedavg", "fedprox", "dp-fedavg", "median", "trimmed-mean")
+
+
 @dataclass(frozen=True)
 class FederationConfig(_Section):
+    """The simulated (or deployed) federation.
+
+    Clients are sampled each round independently with probability ``fraction`` (Poisson, seeded),
+    or, for non-DP and sample-level DP runs only, exactly ``clients-per-round`` of them.
+    """
+
     SECTION: ClassVar[str] = "federation"
 
     num_clients: int = _opt(10, check=at_least(1), doc="clients (data partitions)")
     rounds: int = _opt(5, check=at_least(1), doc="server rounds")
-    fraction: float = _opt(1.0, doc="fraction of clients sampled per round, in (0, 1]")
+    fraction: float = _opt(1.0, doc="Poisson client sampling rate per round, in (0, 1]")
+    clients_per_round: int | None = _opt(
+        None, check=at_least(1), doc="fixed number of clients per round (not with user-level DP)"
+    )
     local_epochs: float = _opt(1.0, check=positive, doc="local passes per round")
-    local_steps: int | None = _opt(None, check=at_least(1), doc="local steps per round")
+    local_steps: int | None = _opt(None, check=at_least(1), doc="local steps per round (cap)")
     partition: str = _opt("iid", choices=("iid", "dirichlet", "classes"), doc="data split")
     dirichlet_alpha: float = _opt(0.5, check=positive, doc="Dirichlet concentration")
-    classes_per_client: int = _opt(2, check=at_least(1), doc="labels per client")
-    strategy: str = _opt("fedavg", doc="server strategy name")
+    classes_per_client: int = _opt(2, check=at_least(1), doc="labels per client (classes)")
+    client_test_fraction: float = _opt(
+        0.1, check=in_unit_interval_closed_open, doc="each client's local held-out fraction"
+    )
+    strategy: str = _opt("fedavg", choices=STRATEGIES, doc="server strategy")
+    server_lr: float = _opt(1.0, check=positive, doc="server step on the mean update (dp-fedavg)")
+    proximal_mu: float = _opt(0.01, check=non_negative, doc="fedprox proximal weight")
+    trim_fraction: float = _opt(0.1, doc="trimmed-mean: fraction cut at each end, in [0, 0.5)")
+    backend: str = _opt("inprocess", choices=("inprocess", "ray"), doc="simulation engine")
+    reply_timeout: float | None = _opt(None, check=positive, doc="seconds to wait for replies")
 
     def _validate(self) -> None:
         if not (0 < self.fraction <= 1):
             raise ConfigError(f"federation.fraction must be in (0, 1], got {self.fraction!r}")
+        if not (0 <= self.trim_fraction < 0.5):
+            raise ConfigError(
+                f"federation.trim-fraction must be in [0, 0.5), got {self.trim_fraction!r}"
+            )
+        if self.clients_per_round is not None and self.clients_per_round > self.num_clients:
+            raise ConfigError(
+                f"federation.clients-per-round ({self.clients_per_round}) exceeds "
+                f"federation.num-clients ({self.num_clients})"
+            )
 
 
 @dataclass(frozen=True)
@@ -362,6 +391,21 @@ class Config:
             raise ConfigError(f"name must be a non-empty string, got {self.name!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
+        user_dp = self.privacy.enabled and self.privacy.level == "user"
+        if user_dp != (self.federation.strategy == "dp-fedavg"):
+            raise ConfigError(
+                "user-level DP is the dp-fedavg strategy: set privacy.level='user' with "
+                "federation.strategy='dp-fedavg' (and privacy.level='sample' otherwise)"
+            )
+        if user_dp and self.federation.clients_per_round is not None:
+            raise ConfigError(
+                "dp-fedavg samples clients by Poisson sampling (federation.fraction) for its "
+                "accounting; unset federation.clients-per-round"
+            )
+        if user_dp and self.privacy.clipping not in ("flat", "adaptive"):
+            raise ConfigError(
+                f"dp-fedavg clips client updates flat or adaptive, not {self.privacy.clipping!r}"
+            )
 
     # -- construction -----------------------------------------------------------------------------
     @classmethod
@@ -382,9 +426,15 @@ class Config:
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> Config:
-        """Builds a config from dotted keys (``{"privacy.delta": 1e-5}``, Flower's run_config)."""
+        """Builds a config from dotted keys (``{"privacy.delta": 1e-5}``, Flower's run_config).
+
+        Flower's run_config cannot hold a missing value, so the string ``"none"`` unsets an
+        optional key there (``privacy.target-epsilon = "none"`` in pyproject.toml).
+        """
         nested: dict[str, Any] = {}
         for dotted, value in flat.items():
+            if isinstance(value, str) and value.lower() == "none":
+                value = None
             _set_dotted(nested, dotted, value)
         return cls.from_dict(nested)
 

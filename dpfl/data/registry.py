@@ -31,5 +31,13 @@ def _digits(cfg: DataConfig, seed: int) -> ImageData:
     return ImageData(train, test, channels=1, image_size=8, num_classes=10)
 
 
+@DATASETS.register("mnist-5k")
+def _mnist5k(cfg: DataConfig, seed: int) -> ImageData:
+    from dpfl.data.mnist5k import load_mnist5k_split
+
+    train, test = load_mnist5k_split(cfg.test_fraction, seed)
+    return ImageData(train, test, channels=1, image_size=28, num_classes=10)
+
+
 def load_dataset(cfg: DataConfig, seed: int = 0) -> ImageData:
     return DATASETS.create(cfg.name, cfg, seed)

@@ -1,0 +1,71 @@
+"""dpfl's Flower ClientApp: decode the message, run one local round, encode the reply.
+
+All the work is :func:`dpfl.clients.federated.run_client_round` (Flower-free). The client's
+persistent state (privacy history, fixed noise multiplier) lives in ``context.state``, so one
+accountant covers the whole run. The partition comes from the node config (``partition-id``),
+as Flower's simulation and ``flower-supernode --node-config`` set it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from dpfl.clients.federated import participant_name, run_client_round
+from dpfl.config import Config
+from dpfl.errors import ConfigError
+from dpfl.federation_messages import (
+    CLIP,
+    HISTORY,
+    ROUND,
+    decode_phases,
+    encode_phases,
+    split_config,
+)
+
+__all__ = ["app"]
+
+app = ClientApp()
+
+_STATE_KEY = "dpfl"
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    torch.set_num_threads(1)  # one client per core; the engine runs clients side by side
+    flat, extra = split_config(dict(msg.content["config"]))
+    cfg = Config.from_flat(flat)
+    if "partition-id" not in context.node_config:
+        raise ConfigError("this SuperNode has no partition-id in its node config")
+    pid = int(context.node_config["partition-id"])
+    record = context.state.config_records.get(_STATE_KEY)
+    state = json.loads(str(record["json"])) if record is not None else {}
+    history = decode_phases(str(extra[HISTORY])) if HISTORY in extra else None
+    result = run_client_round(
+        cfg,
+        pid,
+        msg.content["arrays"].to_torch_state_dict(),
+        int(extra.get(ROUND, 0)),
+        state,
+        clip=float(extra[CLIP]) if CLIP in extra else None,
+        server_history=history,
+    )
+    context.state.config_records[_STATE_KEY] = ConfigRecord({"json": json.dumps(state)})
+    content = RecordDict(
+        {
+            "metrics": MetricRecord(result.metrics | {"num-examples": result.num_examples}),
+            "dpfl": ConfigRecord(
+                {
+                    "status": result.status,
+                    "participant": participant_name(pid),
+                    "phases": encode_phases(result.phases),
+                }
+            ),
+        }
+    )
+    if result.arrays is not None:
+        content["arrays"] = ArrayRecord(result.arrays)
+    return Message(content, reply_to=msg)

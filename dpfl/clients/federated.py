@@ -1,0 +1,266 @@
+"""One client's round of federated training, Flower-free (the ClientApp only decodes and encodes).
+
+Three modes, from the config:
+
+* no DP: local training from the global model; the new model is returned;
+* sample-level DP (``privacy.level = "sample"``): local DP-SGD whose ledger persists across
+  rounds in the client's state (one accountant for the whole run, never a fresh one per round).
+  The noise multiplier is fixed at the first participation (given, or calibrated once for the
+  planned participation: ``ceil(rounds * sampling rate)`` rounds of local steps; our choice, the
+  budget guard stops the client if it is sampled more often). A client whose budget is spent
+  stops training and says so (``status = "budget-exhausted"``);
+* user-level DP (``dp-fedavg``): local non-private training, then the update
+  ``theta_local - theta_global`` is clipped to the server's current clip norm; the reply carries
+  the clipped update and whether it was left unclipped (for adaptive clipping).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset, TensorDataset
+
+from dpfl.accountants import (
+    Phase,
+    PrivacyLedger,
+    calibrate_noise,
+    merge_phases,
+    steps_for_epochs,
+)
+from dpfl.clients.central import privacy_kwargs
+from dpfl.clients.local_train import cross_entropy_per_sample, evaluate, train_private
+from dpfl.clients.proximal import ProximalOptimizer
+from dpfl.config import Config
+from dpfl.data import load_dataset
+from dpfl.data.partition import partition_indices, train_test_split_indices
+from dpfl.errors import ConfigError
+from dpfl.models import create_model
+from dpfl.optim import create_optimizer
+from dpfl.privacy import make_private
+from dpfl.server.aggregation import flat_clip, subtract
+
+__all__ = ["ClientResult", "client_datasets", "participant_name", "run_client_round"]
+
+
+def participant_name(partition_id: int) -> str:
+    return f"client-{partition_id}"
+
+
+@dataclass
+class ClientResult:
+    status: str  # "trained" | "budget-exhausted"
+    arrays: dict[str, torch.Tensor] | None
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    phases: list[Phase] = field(default_factory=list)
+
+
+@functools.lru_cache(maxsize=8)
+def _dataset(name: str, test_fraction: float, seed: int):
+    from dpfl.config import DataConfig
+
+    return load_dataset(DataConfig(name=name, test_fraction=test_fraction), seed)
+
+
+@functools.lru_cache(maxsize=8)
+def _partitions(cfg_key: tuple) -> list[np.ndarray]:
+    name, test_fraction, seed, k, scheme, alpha, cpc = cfg_key
+    data = _dataset(name, test_fraction, seed)
+    labels = data.train.tensors[1].numpy()
+    return partition_indices(labels, k, scheme, alpha=alpha, classes_per_client=cpc, seed=seed)
+
+
+def client_datasets(cfg: Config, partition_id: int) -> tuple[TensorDataset | Subset, Subset]:
+    """This client's local (train, test) data: its partition of the training split."""
+    f = cfg.federation
+    if not (0 <= partition_id < f.num_clients):
+        raise ConfigError(f"partition-id {partition_id} outside 0..{f.num_clients - 1}")
+    key = (
+        cfg.data.name,
+        cfg.data.test_fraction,
+        cfg.seed,
+        f.num_clients,
+        f.partition,
+        f.dirichlet_alpha,
+        f.classes_per_client,
+    )
+    idx = _partitions(key)[partition_id]
+    data = _dataset(cfg.data.name, cfg.data.test_fraction, cfg.seed)
+    train_idx, test_idx = train_test_split_indices(
+        idx, f.client_test_fraction, cfg.seed + partition_id
+    )
+    return Subset(data.train, train_idx.tolist()), Subset(data.train, test_idx.tolist())
+
+
+def _model(cfg: Config) -> torch.nn.Module:
+    data = _dataset(cfg.data.name, cfg.data.test_fraction, cfg.seed)
+    return create_model(
+        cfg.model, channels=data.channels, image_size=data.image_size, num_classes=data.num_classes
+    )
+
+
+def _local_steps(cfg: Config, n_train: int) -> int:
+    q = min(cfg.data.batch_size / n_train, 1.0)
+    steps = steps_for_epochs(cfg.federation.local_epochs, q)
+    return min(steps, cfg.federation.local_steps) if cfg.federation.local_steps else steps
+
+
+def _participation(cfg: Config) -> float:
+    f = cfg.federation
+    return f.clients_per_round / f.num_clients if f.clients_per_round else f.fraction
+
+
+def _seed(cfg: Config, server_round: int, partition_id: int) -> int:
+    return (cfg.seed * 1_000_003 + server_round * 7_919 + partition_id) % (2**31 - 1)
+
+
+def _optimizer(cfg: Config, model: torch.nn.Module, global_state: dict) -> torch.optim.Optimizer:
+    opt = create_optimizer(cfg.optimizer, model.parameters())
+    if cfg.federation.strategy == "fedprox" and cfg.federation.proximal_mu > 0:
+        anchor = [global_state[n] for n, p in model.named_parameters() if p.requires_grad]
+        opt = ProximalOptimizer(opt, anchor, cfg.federation.proximal_mu)
+    return opt
+
+
+def _history_ledger(cfg: Config, who: str, phases: list[Phase]) -> PrivacyLedger:
+    p = cfg.privacy
+    events = [
+        {
+            "seq": i,
+            "participant": who,
+            "mechanism": "subsampled-gaussian",
+            "noise_multiplier": ph.noise_multiplier,
+            "sample_rate": ph.sample_rate,
+            "steps": ph.steps,
+            "accountant": p.accountant,
+            "delta": p.delta,
+        }
+        for i, ph in enumerate(phases)
+    ]
+    return PrivacyLedger.from_events(events, p.accountant, p.delta, target_epsilon=p.target_epsilon)
+
+
+def run_client_round(
+    cfg: Config,
+    partition_id: int,
+    global_state: dict[str, torch.Tensor],
+    server_round: int,
+    state: dict[str, Any],
+    *,
+    clip: float | None = None,
+    server_history: list[Phase] | None = None,
+) -> ClientResult:
+    """Trains one round; ``state`` (the client's persistent state) is updated in place."""
+    torch.manual_seed(_seed(cfg, server_round, partition_id))
+    train, test = client_datasets(cfg, partition_id)
+    model = _model(cfg)
+    model.load_state_dict(global_state)
+    metrics: dict[str, float] = {"partition-id": float(partition_id)}
+    if cfg.privacy.enabled and cfg.privacy.level == "sample":
+        result = _sample_level(
+            cfg,
+            partition_id,
+            model,
+            train,
+            global_state,
+            server_round,
+            state,
+            server_history or [],
+            metrics,
+        )
+    else:
+        result = _plain(cfg, model, train, global_state, metrics, clip)
+    if result.status == "trained" and len(test) > 0:
+        _, acc = evaluate(model, test)
+        metrics["local-test-accuracy"] = acc
+    return result
+
+
+def _plain(cfg, model, train, global_state, metrics, clip) -> ClientResult:
+    """No DP on the client: the update is the model (or the clipped update for dp-fedavg)."""
+    opt = _optimizer(cfg, model, global_state)
+    loader = DataLoader(train, batch_size=min(cfg.data.batch_size, len(train)), shuffle=True)
+    steps, planned, loss_sum = 0, _local_steps(cfg, len(train)), 0.0
+    model.train()
+    while steps < planned:
+        for x, y in loader:
+            opt.zero_grad()
+            loss = cross_entropy_per_sample(model(x), y).mean()
+            loss.backward()
+            opt.step()
+            steps, loss_sum = steps + 1, loss_sum + float(loss.detach())
+            if steps >= planned:
+                break
+    metrics.update({"train-loss": loss_sum / max(steps, 1), "local-steps": float(steps)})
+    new_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if clip is None:
+        return ClientResult("trained", new_state, len(train), metrics)
+    clipped, norm = flat_clip(subtract(new_state, global_state), clip)
+    metrics.update({"update-norm": norm, "unclipped": float(norm <= clip)})
+    return ClientResult("trained", clipped, len(train), metrics)
+
+
+def _sample_level(
+    cfg, pid, model, train, global_state, server_round, state, server_history, metrics
+) -> ClientResult:
+    who = participant_name(pid)
+    own = [Phase(*t) for t in state.get("phases", [])]
+    # the client's own record wins; the server's (from the run store) restores a fresh process
+    history = (
+        own if sum(p.steps for p in own) >= sum(p.steps for p in server_history) else server_history
+    )
+    ledger = _history_ledger(cfg, who, history)
+    q = min(cfg.data.batch_size / len(train), 1.0)
+    local = _local_steps(cfg, len(train))
+    sigma = state.get("sigma") or (history[0].noise_multiplier if history else None)
+    if sigma is None:
+        if cfg.privacy.noise_multiplier is not None:
+            sigma = cfg.privacy.noise_multiplier
+        else:
+            planned_rounds = max(1, math.ceil(cfg.federation.rounds * _participation(cfg)))
+            sigma = calibrate_noise(
+                cfg.privacy.target_epsilon,
+                cfg.privacy.delta,
+                q,
+                planned_rounds * local,
+                cfg.privacy.accountant,
+            ).noise_multiplier
+    state["sigma"] = sigma
+    kwargs = privacy_kwargs(cfg)
+    kwargs.update(noise_multiplier=sigma, target_epsilon=cfg.privacy.target_epsilon)
+    loader = DataLoader(train, batch_size=cfg.data.batch_size)
+    before = len(ledger.events)
+    pt = make_private(
+        model,
+        _optimizer(cfg, model, global_state),
+        loader,
+        participant=who,
+        ledger=ledger,
+        physical_batch_size=cfg.data.physical_batch_size,
+        seed=_seed(cfg, server_round, pid),
+        **kwargs,
+    )
+    try:
+        result = train_private(pt, max_steps=local)
+    finally:
+        pt.detach()
+    phases = merge_phases([e.phase() for e in ledger.events[before:]])
+    state["phases"] = [p.as_tuple() for p in ledger.history(who)]
+    metrics.update(
+        {
+            "train-loss": result.mean_loss,
+            "local-steps": float(result.steps),
+            "epsilon": ledger.epsilon(who),
+            "noise-multiplier": sigma,
+        }
+    )
+    if result.steps == 0:
+        return ClientResult("budget-exhausted", None, len(train), metrics, phases)
+    new_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    metrics["budget-exhausted"] = float(result.stopped == "budget")
+    return ClientResult("trained", new_state, len(train), metrics, phases)

@@ -1,0 +1,300 @@
+"""The synchronous round loop of dpfl's ServerApp, on any Flower ``Grid``.
+
+Per round: sample clients (Poisson with rate ``federation.fraction`` from a generator seeded by
+``(seed, round)``, or a fixed-size seeded sample), send the global model, collect replies, record
+the privacy each client reports in the ledger (durably, before anything derived from the reply is
+used), drop malformed replies with a recorded reason (client error, missing reply, wrong keys,
+shape or dtype, NaN/Inf), aggregate, evaluate on the server's held-out set, record metrics and a
+checkpoint. Under user-level DP a round in which fewer clients reply than were sampled is skipped
+(fail closed): the noise calibration assumes every sampled update is in the sum.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from dpfl.accountants import PrivacyLedger, calibrate_noise
+from dpfl.clients.local_train import evaluate
+from dpfl.config import Config
+from dpfl.data import load_dataset
+from dpfl.errors import PrivacyBudgetError
+from dpfl.federation_messages import HISTORY, ROUND, decode_phases, encode_phases
+from dpfl.models import create_model
+from dpfl.server.aggregation import check_state
+from dpfl.server.strategies import Reply, create_strategy
+from dpfl.store import RunHandle
+
+__all__ = ["FederationResult", "ResumeState", "run_rounds", "sample_clients"]
+
+
+@dataclass
+class ResumeState:
+    round: int
+    global_state: dict[str, torch.Tensor]
+    strategy_state: dict[str, Any]
+    participants: dict[int, str]
+    events: list[dict[str, Any]]
+
+
+@dataclass
+class FederationResult:
+    rounds_completed: int
+    accuracy: float
+    loss: float
+    epsilon: dict[str, float]
+    stopped: str
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+    noise_multiplier: float | None = None
+
+
+def sample_clients(cfg: Config, nodes: list[int], server_round: int) -> list[int]:
+    """The round's clients: Poisson (each with probability ``fraction``) or a fixed-size sample."""
+    rng = np.random.default_rng([cfg.seed, server_round])
+    f = cfg.federation
+    if f.clients_per_round is not None:
+        return sorted(
+            rng.choice(nodes, size=min(f.clients_per_round, len(nodes)), replace=False).tolist()
+        )
+    return [n for n, u in zip(nodes, rng.random(len(nodes)), strict=True) if u < f.fraction]
+
+
+def _server_noise(cfg: Config) -> float | None:
+    """dp-fedavg's noise multiplier: given, or calibrated for all rounds at rate q."""
+    p = cfg.privacy
+    if not (p.enabled and p.level == "user"):
+        return None
+    if p.noise_multiplier is not None:
+        return p.noise_multiplier
+    return calibrate_noise(
+        p.target_epsilon, p.delta, cfg.federation.fraction, cfg.federation.rounds, p.accountant
+    ).noise_multiplier
+
+
+def _checkpoint(global_state, strategy, participants, server_round) -> bytes:
+    buf = io.BytesIO()
+    torch.save(
+        {
+            "round": server_round,
+            "global_state": global_state,
+            "strategy": strategy.state_dict(),
+            "participants": participants,
+        },
+        buf,
+    )
+    return buf.getvalue()
+
+
+def load_checkpoint(data: bytes) -> dict[str, Any]:
+    return torch.load(io.BytesIO(data), weights_only=False)
+
+
+def run_rounds(
+    grid: Grid,
+    cfg: Config,
+    run: RunHandle | None = None,
+    *,
+    resume: ResumeState | None = None,
+    on_round: Callable[[int, dict[str, float]], None] | None = None,
+) -> FederationResult:
+    """Runs the configured rounds on ``grid``; records everything to ``run``."""
+    start_time = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    data = load_dataset(cfg.data, cfg.seed)
+    model = create_model(
+        cfg.model, channels=data.channels, image_size=data.image_size, num_classes=data.num_classes
+    )
+    user_dp = cfg.privacy.enabled and cfg.privacy.level == "user"
+    sink = None if run is None else run.record_privacy_event
+    ledger = PrivacyLedger(
+        cfg.privacy.accountant,
+        cfg.privacy.delta,
+        target_epsilon=cfg.privacy.target_epsilon if user_dp else None,
+        sink=sink,
+    )
+    z = _server_noise(cfg)
+    strategy = create_strategy(cfg, ledger=ledger, noise_multiplier=z)
+    global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    participants: dict[int, str] = {}
+    first = 1
+    if resume is not None:
+        global_state, first = resume.global_state, resume.round + 1
+        strategy.load_state_dict(resume.strategy_state)
+        participants = dict(resume.participants)
+        restored = PrivacyLedger.from_events(
+            resume.events, cfg.privacy.accountant, cfg.privacy.delta
+        )
+        ledger.load_state_dict(restored.state_dict() | {"target_epsilon": ledger.target_epsilon})
+    flat_config = cfg.to_flat()
+    nodes = sorted(grid.get_node_ids())
+    history: list[dict[str, float]] = []
+    stopped, completed = "completed", first - 1
+    loss, acc = evaluate(_load(model, global_state), data.test)
+
+    for r in range(first, cfg.federation.rounds + 1):
+        if run is not None:
+            run.start_round(r)
+        sampled = sample_clients(cfg, nodes, r)
+        info: dict[str, Any] = {"sampled": len(sampled), "dropped": []}
+        if not sampled:
+            _end(run, r, "skipped", info | {"reason": "no client sampled"})
+            continue
+        messages = []
+        for n in sampled:
+            extra = {ROUND: r, **strategy.client_config()}
+            who = participants.get(n)
+            if who is not None and cfg.privacy.enabled and not user_dp:
+                extra[HISTORY] = encode_phases(ledger.history(who))
+            content = RecordDict(
+                {"arrays": ArrayRecord(global_state), "config": ConfigRecord(flat_config | extra)}
+            )
+            messages.append(
+                Message(
+                    content,
+                    dst_node_id=n,
+                    message_type=MessageType.TRAIN,
+                    group_id=str(r),
+                    ttl=cfg.federation.reply_timeout,
+                )
+            )
+        replies = {
+            m.metadata.src_node_id: m
+            for m in grid.send_and_receive(messages, timeout=cfg.federation.reply_timeout)
+        }
+        reference = _reference(global_state, strategy.sends_updates)
+        valid: list[Reply] = []
+        for n in sampled:
+            reply, reason = _validate(n, replies.get(n), reference, ledger, participants, r)
+            if reason is not None:
+                info["dropped"].append(
+                    {"node": n, "participant": participants.get(n), "reason": reason}
+                )
+            else:
+                valid.append(reply)
+        if user_dp and len(valid) < len(sampled):
+            reason = (
+                f"fail closed: {len(valid)} of {len(sampled)} sampled clients replied validly; "
+                "nothing aggregated, nothing released"
+            )
+            _end(run, r, "skipped", info | {"reason": reason})
+            continue
+        if not valid:
+            _end(run, r, "skipped", info | {"reason": "no valid reply"})
+            continue
+        try:
+            global_state = strategy.aggregate(global_state, valid, r)
+        except PrivacyBudgetError as e:
+            _end(run, r, "skipped", info | {"reason": f"privacy budget: {e}"})
+            stopped = "budget"
+            break
+        loss, acc = evaluate(_load(model, global_state), data.test)
+        eps = _epsilons(ledger, user_dp)
+        row = {
+            "accuracy": acc,
+            "loss": loss,
+            "clients": float(len(valid)),
+            "dropped": float(len(info["dropped"])),
+            "epsilon-max": max(eps.values(), default=0.0) if cfg.privacy.enabled else math.inf,
+            **{k: float(v) for k, v in strategy.summary().items()},
+        }
+        if valid and any("train-loss" in rep.metrics for rep in valid):
+            row["train-loss"] = statistics.fmean(
+                rep.metrics["train-loss"]
+                for rep in valid
+                if "train-loss" in rep.metrics and math.isfinite(rep.metrics["train-loss"])
+            )
+        history.append({"round": float(r), **row})
+        if run is not None:
+            run.log_metrics(row, round=r, scope="server")
+            run.add_artifact(
+                "checkpoint",
+                f"round-{r}.pt",
+                _checkpoint(global_state, strategy, participants, r),
+                round=r,
+            )
+            _end(run, r, "completed", info)
+        completed = r
+        if on_round is not None:
+            on_round(r, row)
+
+    return FederationResult(
+        rounds_completed=completed,
+        accuracy=acc,
+        loss=loss,
+        epsilon=_epsilons(ledger, user_dp) if cfg.privacy.enabled else {},
+        stopped=stopped,
+        seconds=time.perf_counter() - start_time,
+        history=history,
+        noise_multiplier=z,
+    )
+
+
+def _load(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    model.load_state_dict(state)
+    return model
+
+
+def _reference(global_state, updates: bool) -> dict[str, torch.Tensor]:
+    if not updates:
+        return global_state
+    return {k: v for k, v in global_state.items() if v.is_floating_point()}
+
+
+def _epsilons(ledger: PrivacyLedger, user_dp: bool) -> dict[str, float]:
+    if user_dp:
+        return {"server": ledger.epsilon("server")}
+    return ledger.spent()
+
+
+def _end(run: RunHandle | None, r: int, status: str, info: dict[str, Any]) -> None:
+    if run is not None:
+        run.end_round(r, status, info)
+
+
+def _validate(node, reply, reference, ledger, participants, server_round):
+    """(Reply, None) for a usable reply, else (None, reason). Privacy spent is recorded first."""
+    if reply is None:
+        return None, "no reply (timeout or lost)"
+    if reply.has_error():
+        return None, f"client error: {reply.error.reason}"
+    content = reply.content
+    meta = content.config_records.get("dpfl")
+    if meta is None:
+        return None, "malformed reply: no dpfl record"
+    who = str(meta.get("participant", f"node-{node}"))
+    participants[node] = who
+    try:
+        phases = decode_phases(str(meta.get("phases", "[]")))
+    except (ValueError, TypeError) as e:
+        return None, f"malformed privacy report: {e}"
+    for ph in phases:  # durable before the update is used, even if the update is then dropped
+        ledger.record(who, ph.noise_multiplier, ph.sample_rate, ph.steps, round=server_round)
+    if meta.get("status") == "budget-exhausted":
+        return None, "privacy budget spent: client stopped training"
+    if "arrays" not in content.array_records:
+        return None, "malformed reply: no arrays"
+    try:
+        state = content.array_records["arrays"].to_torch_state_dict()
+    except Exception as e:  # noqa: BLE001 - any decoding failure is a malformed reply
+        return None, f"malformed arrays: {e}"
+    reason = check_state(reference, state)
+    if reason is not None:
+        return None, reason
+    metrics = {
+        k: float(v)
+        for k, v in content.metric_records.get("metrics", {}).items()
+        if isinstance(v, int | float)
+    }
+    n = int(metrics.get("num-examples", 1))
+    return Reply(node, who, state, n, metrics), None

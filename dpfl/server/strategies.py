@@ -1,0 +1,188 @@
+"""Server strategies by name: how valid client replies become the next global model.
+
+* ``fedavg``: mean of client models weighted by their number of examples (McMahan et al. 2017);
+* ``fedprox``: the same aggregation; clients add the proximal term (``federation.proximal-mu``);
+* ``median`` / ``trimmed-mean``: coordinate-wise robust aggregation (Yin et al. 2018);
+* ``dp-fedavg``: user-level DP (McMahan et al. 2018; spec 6.3-6.4): clients send updates
+  clipped to S; the server re-clips them (so a misbehaving client cannot raise the
+  sensitivity), sums them UNWEIGHTED, adds N(0, (z_g S)^2) from a seeded generator, divides by the
+  expected number of clients m = q K and steps theta += eta_s * mean. Adaptive clipping tracks the
+  target unclipped quantile with a privatized count of unclipped updates (sensitivity 1/2 after
+  centering, sigma_b = m / 20), moving S UP when most updates are clipped (Flower's own wrapper
+  moves it the other way); the noise split z_g = (z^-2 - (2 sigma_b)^-2)^-1/2 keeps the pair of
+  releases one Gaussian mechanism of multiplier z, which is what the server accountant records
+  (participant ``server``, sampling rate q, one event per round, before the release).
+
+Sample-level DP (``privacy.level = "sample"``) needs nothing from the strategy: the clients'
+releases are already private and any aggregation of them is post-processing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dpfl.accountants import PrivacyLedger
+from dpfl.config import Config
+from dpfl.errors import ConfigError
+from dpfl.privacy.noise import gaussian_like
+from dpfl.registry import Registry
+from dpfl.server.aggregation import (
+    State,
+    add_scaled,
+    coordinate_median,
+    flat_clip,
+    trimmed_mean,
+    weighted_average,
+)
+
+__all__ = ["STRATEGIES", "Reply", "Strategy", "create_strategy"]
+
+
+@dataclass
+class Reply:
+    """A validated client reply."""
+
+    node_id: int
+    participant: str
+    arrays: State
+    num_examples: int
+    metrics: dict[str, float]
+
+
+class Strategy:
+    name = ""
+    #: clients send their clipped update instead of their model
+    sends_updates = False
+
+    def client_config(self) -> dict[str, Any]:
+        """Extra per-round values sent to every sampled client."""
+        return {}
+
+    def aggregate(self, global_state: State, replies: list[Reply], server_round: int) -> State:
+        raise NotImplementedError
+
+    def summary(self) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class FedAvg(Strategy):
+    name = "fedavg"
+
+    def aggregate(self, global_state, replies, server_round):
+        return weighted_average([r.arrays for r in replies], [r.num_examples for r in replies])
+
+
+class FedProx(FedAvg):
+    name = "fedprox"
+
+
+class Median(Strategy):
+    name = "median"
+
+    def aggregate(self, global_state, replies, server_round):
+        return coordinate_median([r.arrays for r in replies])
+
+
+class TrimmedMean(Strategy):
+    name = "trimmed-mean"
+
+    def __init__(self, trim_fraction: float) -> None:
+        self.trim_fraction = trim_fraction
+
+    def aggregate(self, global_state, replies, server_round):
+        return trimmed_mean([r.arrays for r in replies], self.trim_fraction)
+
+
+class DPFedAvg(Strategy):
+    """User-level DP-FedAvg (see the module docstring)."""
+
+    name = "dp-fedavg"
+    sends_updates = True
+
+    def __init__(self, cfg: Config, ledger: PrivacyLedger, noise_multiplier: float) -> None:
+        f, p = cfg.federation, cfg.privacy
+        self.noise_multiplier = noise_multiplier
+        self.sample_rate = f.fraction
+        self.expected_clients = f.fraction * f.num_clients
+        self.clip = p.clip_norm
+        self.adaptive = p.clipping == "adaptive"
+        self.target_quantile, self.clip_lr = p.target_quantile, p.clip_lr
+        self.count_std = p.count_noise_std or self.expected_clients / 20
+        self.server_lr = f.server_lr
+        self.ledger = ledger
+        self.generator = torch.Generator().manual_seed(cfg.seed + 17)
+        self.last_clip = self.clip
+        if self.adaptive and noise_multiplier > 0 and noise_multiplier >= 2 * self.count_std:
+            raise ConfigError(
+                f"adaptive dp-fedavg needs noise multiplier {noise_multiplier:g} < 2 * count noise "
+                f"std = {2 * self.count_std:g}; sample more clients per round or set "
+                "privacy.count-noise-std"
+            )
+
+    def gradient_multiplier(self) -> float:
+        z = self.noise_multiplier
+        if not self.adaptive or z == 0:
+            return z
+        return (z**-2 - (2 * self.count_std) ** -2) ** -0.5
+
+    def client_config(self) -> dict[str, Any]:
+        return {"dpfl.clip": self.clip}
+
+    def aggregate(self, global_state, replies, server_round):
+        # 1. account the release first (raises PrivacyBudgetError: nothing is released)
+        self.ledger.record("server", self.noise_multiplier, self.sample_rate, 1, round=server_round)
+        clip = self.clip
+        total: State | None = None
+        unclipped = 0.0
+        for r in replies:
+            update, norm = flat_clip(r.arrays, clip)  # defensive re-clip: sensitivity is S
+            unclipped += 1.0 if norm <= clip else 0.0
+            total = update if total is None else {k: total[k] + update[k] for k in total}
+        if total is None:
+            raise ConfigError("dp-fedavg cannot aggregate a round without replies")
+        std = self.gradient_multiplier() * clip
+        mean = {
+            k: (v + gaussian_like(v, std, self.generator)) / self.expected_clients
+            for k, v in total.items()
+        }
+        self.last_clip = clip
+        if self.adaptive:
+            noise = float(torch.randn((), generator=self.generator, dtype=torch.float64))
+            frac = (unclipped - 0.5 * len(replies) + self.count_std * noise) / self.expected_clients
+            frac = min(max(frac + 0.5, 0.0), 1.0)
+            self.clip = clip * math.exp(-self.clip_lr * (frac - self.target_quantile))
+        return add_scaled(global_state, mean, self.server_lr)
+
+    def summary(self) -> dict[str, float]:
+        return {"clip": self.last_clip, "next-clip": self.clip}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"clip": self.clip, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.clip = float(state["clip"])
+        self.generator.set_state(state["generator"])
+
+
+STRATEGIES: Registry[Strategy] = Registry("strategy")
+STRATEGIES.register("fedavg", lambda cfg, **_: FedAvg())
+STRATEGIES.register("fedprox", lambda cfg, **_: FedProx())
+STRATEGIES.register("median", lambda cfg, **_: Median())
+STRATEGIES.register("trimmed-mean", lambda cfg, **_: TrimmedMean(cfg.federation.trim_fraction))
+STRATEGIES.register(
+    "dp-fedavg", lambda cfg, ledger, noise_multiplier, **_: DPFedAvg(cfg, ledger, noise_multiplier)
+)
+
+
+def create_strategy(cfg: Config, **kwargs: Any) -> Strategy:
+    return STRATEGIES.create(cfg.federation.strategy, cfg, **kwargs)
