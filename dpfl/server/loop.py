@@ -25,6 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from dpfl.accountants import PrivacyLedger, calibrate_noise
+from dpfl.clients.federated import client_datasets
 from dpfl.clients.local_train import evaluate
 from dpfl.config import Config
 from dpfl.data import load_dataset
@@ -112,6 +113,7 @@ def run_rounds(
     start_time = time.perf_counter()
     torch.manual_seed(cfg.seed)
     data = load_dataset(cfg.data, cfg.seed)
+    client_datasets(cfg, 0)  # partitions the data now: a bad split is a config error, up front
     model = create_model(
         cfg.model, channels=data.channels, image_size=data.image_size, num_classes=data.num_classes
     )

@@ -237,6 +237,20 @@ class RunStore:
                 ),
             )
 
+    def reopen_run(self, run_id: str) -> RunHandle:
+        """Marks a killed, failed or interrupted run as running again (``--resume``) in this
+        process; its records are kept and new ones are appended."""
+        pid = os.getpid()
+        with self.transaction() as c:
+            cur = c.execute(
+                "UPDATE runs SET status='running', error=NULL, ended_at=NULL, pid=?, pid_start=?,"
+                " host=?, updated_at=? WHERE id=? AND status != 'running'",
+                (pid, _proc_start_time(pid), socket.gethostname(), time.time(), run_id),
+            )
+            if cur.rowcount != 1:
+                raise StoreError(f"run {run_id} is still running; it cannot be resumed twice")
+        return RunHandle(self, run_id)
+
     def mark_killed_runs(self) -> list[str]:
         """Marks ``running`` runs of this host whose process is gone as ``killed``."""
         host = socket.gethostname()
