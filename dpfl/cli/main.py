@@ -99,4 +99,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    # ``python -m dpfl.cli.main``: the commands are registered on the imported module's app
+    from dpfl.cli.main import main as _main
+
+    _main()

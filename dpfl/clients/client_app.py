@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -35,7 +34,6 @@ _STATE_KEY = "dpfl"
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    torch.set_num_threads(1)  # one client per core; the engine runs clients side by side
     flat, extra = split_config(dict(msg.content["config"]))
     cfg = Config.from_flat(flat)
     if "partition-id" not in context.node_config:
