@@ -1,0 +1,125 @@
+"""The same Flower App on Flower's Deployment Engine: a SuperLink and two SuperNodes on
+127.0.0.1 (insecure, local only), 2 rounds, the run recorded in the store."""
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from dpfl.store import RunStore
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 60.0) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("flower-superlink") is None, reason="flwr CLI not installed")
+def test_two_supernodes_run_two_rounds_of_the_dpfl_app(tmp_path):
+    # Prepare: a SuperLink connection in a private FLWR_HOME, SuperLink + 2 SuperNodes on loopback
+    link, node_ports = free_port(), [free_port(), free_port()]
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "test"\n[superlink.test]\naddress = "127.0.0.1:{link}"\n'
+        "insecure = true\n"
+    )
+    store = tmp_path / "runs.sqlite"
+    env = os.environ | {
+        "FLWR_HOME": str(home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "DPFL_STORE": str(store),
+    }
+    logs = []
+
+    def start(*cmd):
+        log = open(tmp_path / f"{len(logs)}.log", "w")  # noqa: SIM115
+        logs.append(log)
+        return subprocess.Popen(
+            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    procs = [
+        start(
+            "flower-superlink",
+            "--insecure",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(link),
+            "--disable-runtime-dependency-installation",
+        )
+    ]
+    try:
+        wait_for_port(link)
+        for i, port in enumerate(node_ports):
+            procs.append(
+                start(
+                    "flower-supernode",
+                    "--insecure",
+                    "--superlink",
+                    f"127.0.0.1:{link}",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--node-config",
+                    f"partition-id={i} num-partitions=2",
+                )
+            )
+        # Execute
+        run = subprocess.run(
+            [
+                "flwr",
+                "run",
+                str(ROOT),
+                "test",
+                "--stream",
+                "--run-config",
+                "data.name='digits' federation.num-clients=2 federation.rounds=2 "
+                "federation.local-steps=2 data.batch-size=32",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
+        assert run.returncode == 0, run.stdout + run.stderr
+    finally:
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+        for log in logs:
+            log.close()
+    # Assert: `flwr run` exit status is not trusted (flwrlabs/flower#7953): check the store
+    with RunStore(store) as s:
+        (row,) = s.list_runs()
+        assert row["status"] == "completed" and row["summary"]["rounds"] == 2
+        assert {e["participant"] for e in s.privacy_events(row["id"])} == {"client-0", "client-1"}
+        assert [r["status"] for r in s.rounds(row["id"])] == ["completed", "completed"]
