@@ -123,3 +123,46 @@ def test_two_supernodes_run_two_rounds_of_the_dpfl_app(tmp_path):
         assert row["status"] == "completed" and row["summary"]["rounds"] == 2
         assert {e["participant"] for e in s.privacy_events(row["id"])} == {"client-0", "client-1"}
         assert [r["status"] for r in s.rounds(row["id"])] == ["completed", "completed"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("flwr") is None, reason="flwr CLI not installed")
+def test_flwr_run_dot_on_the_local_simulation_superlink(tmp_path):
+    # `flwr run .` starts a detached local SuperLink (simulation mode); the environment variable
+    # keeps it from installing [project].dependencies (a CUDA torch) with uv
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    store = tmp_path / "runs.sqlite"
+    env = os.environ | {
+        "FLWR_HOME": str(home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "DPFL_STORE": str(store),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+    }
+    try:
+        run = subprocess.run(
+            [
+                "flwr",
+                "run",
+                str(ROOT),
+                "--stream",
+                "--federation-config",
+                "num-supernodes=2 client-resources-num-cpus=1 init-args-num-cpus=2",
+                "--run-config",
+                "data.name='digits' federation.num-clients=2 federation.rounds=2 "
+                "federation.local-steps=2 data.batch-size=32",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    finally:  # the local SuperLink outlives `flwr run`: stop the one under this FLWR_HOME
+        subprocess.run(["pkill", "-f", str(home)], check=False)
+    with RunStore(store) as s:
+        (row,) = s.list_runs()
+        assert row["status"] == "completed" and row["summary"]["rounds"] == 2
