@@ -9,8 +9,8 @@ whatever Ray binds there is unreachable from any other host or namespace, and Ra
 refuses to start rather than listen on the network.
 
 The child runs the same ServerApp loop (``run_rounds``) and ClientApp through Flower's
-``run_simulation`` with 2 CPUs and one CPU per client actor, writes to the same run store, and
-streams one line per round back to the parent for progress.
+``run_simulation`` with the machine's CPUs and one CPU per client actor, writes to the same run
+store, and streams one line per round back to the parent for progress.
 """
 
 from __future__ import annotations
@@ -139,7 +139,11 @@ def _child(payload_path: str) -> None:
         backend_name="ray",
         backend_config={
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": 2, "include_dashboard": False, "log_to_driver": False},
+            "init_args": {
+                "num_cpus": os.cpu_count() or 1,
+                "include_dashboard": False,
+                "log_to_driver": False,
+            },
         },
     )
     if "result" not in out:

@@ -72,3 +72,18 @@ def test_components_are_the_apps_and_run_a_federation(store_path, monkeypatch):
             "client-1",
             "client-2",
         }
+
+
+def test_check_state_names_every_kind_of_malformed_update():
+    import torch
+
+    from dpfl.server.aggregation import check_state
+
+    ref = {"w": torch.zeros(2, 3), "n": torch.zeros(1, dtype=torch.long)}
+    assert check_state(ref, {"w": torch.ones(2, 3), "n": torch.ones(1, dtype=torch.long)}) is None
+    assert "wrong keys" in check_state(ref, {"w": torch.ones(2, 3)})
+    assert "wrong shape for w" in check_state(ref, {"w": torch.ones(3, 2), "n": ref["n"]})
+    assert "wrong dtype for w" in check_state(ref, {"w": torch.ones(2, 3).double(), "n": ref["n"]})
+    bad = torch.ones(2, 3)
+    bad[0, 0] = float("inf")
+    assert "non-finite" in check_state(ref, {"w": bad, "n": ref["n"]})
