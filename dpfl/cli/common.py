@@ -9,7 +9,17 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-__all__ = ["StoreOption", "console", "err_console", "fmt_eps", "fmt_float"]
+__all__ = [
+    "ConfigOption",
+    "JsonOption",
+    "PlotOption",
+    "SetOption",
+    "StoreOption",
+    "console",
+    "err_console",
+    "fmt_eps",
+    "fmt_float",
+]
 
 console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False)
@@ -24,6 +34,18 @@ StoreOption = Annotated[
     ),
 ]
 DEFAULT_STORE = Path("dpfl-runs.sqlite")
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="TOML config file.", dir_okay=False)
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a config key: section.key=value (repeatable)."),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
+PlotOption = Annotated[
+    Path | None,
+    typer.Option("--plot", help="Write the run's metrics and epsilon to this PNG.", dir_okay=False),
+]
 
 
 def fmt_float(x: float | None, digits: int = 4) -> str:

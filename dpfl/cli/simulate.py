@@ -11,7 +11,17 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from dpfl.cli.common import DEFAULT_STORE, StoreOption, console, err_console, fmt_eps
+from dpfl.cli.common import (
+    DEFAULT_STORE,
+    ConfigOption,
+    JsonOption,
+    PlotOption,
+    SetOption,
+    StoreOption,
+    console,
+    err_console,
+    fmt_eps,
+)
 from dpfl.cli.main import app
 from dpfl.config import load_config
 from dpfl.errors import ConfigError, StoreError
@@ -24,24 +34,14 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "defaults" / "simulate
 
 @app.command()
 def simulate(
-    config: Annotated[
-        Path | None, typer.Option("--config", "-c", help="TOML config file.", dir_okay=False)
-    ] = None,
-    overrides: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="Override a config key: section.key=value (repeatable)."),
-    ] = None,
+    config: ConfigOption = None,
+    overrides: SetOption = None,
     resume: Annotated[
         str | None,
         typer.Option("--resume", help="Continue a killed run from its last completed round."),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-    plot: Annotated[
-        Path | None,
-        typer.Option(
-            "--plot", help="Write accuracy and epsilon per round to this PNG.", dir_okay=False
-        ),
-    ] = None,
+    as_json: JsonOption = False,
+    plot: PlotOption = None,
     store: StoreOption = DEFAULT_STORE,
 ) -> None:
     """Federated training on Flower (in-process engine by default; federation.backend=ray).
@@ -75,29 +75,22 @@ def simulate(
             disable=as_json,
             transient=True,
         )
-        try:
-            with progress:
-                first = 0 if state is None else state.round
-                task = progress.add_task(
-                    "rounds", total=cfg.federation.rounds, completed=first, acc="-", eps="-"
+        with s.tracking(run), progress:
+            first = 0 if state is None else state.round
+            task = progress.add_task(
+                "rounds", total=cfg.federation.rounds, completed=first, acc="-", eps="-"
+            )
+
+            def on_round(r: int, row: dict[str, float]) -> None:
+                eps = row.get("epsilon-max", math.nan)
+                progress.update(
+                    task,
+                    completed=r,
+                    acc=f"{row['accuracy']:.3f}",
+                    eps="inf" if math.isinf(eps) else f"{eps:.2f}",
                 )
 
-                def on_round(r: int, row: dict[str, float]) -> None:
-                    eps = row.get("epsilon-max", math.nan)
-                    progress.update(
-                        task,
-                        completed=r,
-                        acc=f"{row['accuracy']:.3f}",
-                        eps="inf" if math.isinf(eps) else f"{eps:.2f}",
-                    )
-
-                result = run_simulation(cfg, run, resume=state, on_round=on_round)
-        except KeyboardInterrupt:
-            run.finish("interrupted", error="interrupted by the user")
-            raise
-        except BaseException as e:
-            run.finish("failed", error=f"{type(e).__name__}: {e}")
-            raise
+            result = run_simulation(cfg, run, resume=state, on_round=on_round)
         eps = result.epsilon
         summary = {
             "run": run.run_id,

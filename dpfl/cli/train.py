@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import math
 from enum import Enum
-from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from dpfl.cli.common import DEFAULT_STORE, StoreOption, console, err_console, fmt_eps
+from dpfl.cli.common import (
+    DEFAULT_STORE,
+    ConfigOption,
+    JsonOption,
+    PlotOption,
+    SetOption,
+    StoreOption,
+    console,
+    err_console,
+    fmt_eps,
+)
 from dpfl.cli.main import app
 from dpfl.config import load_config
 from dpfl.jsonutil import dumps
@@ -35,13 +44,8 @@ class GradSample(str, Enum):
 
 @app.command()
 def train(
-    config: Annotated[
-        Path | None, typer.Option("--config", "-c", help="TOML config file.", dir_okay=False)
-    ] = None,
-    overrides: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="Override a config key: section.key=value (repeatable)."),
-    ] = None,
+    config: ConfigOption = None,
+    overrides: SetOption = None,
     clipping: Annotated[
         Clipping | None, typer.Option("--clipping", help="Clip policy (privacy.clipping).")
     ] = None,
@@ -62,13 +66,8 @@ def train(
             help="Train without DP (baseline; lower optimizer.lr to ~0.2: the default is for DP).",
         ),
     ] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-    plot: Annotated[
-        Path | None,
-        typer.Option(
-            "--plot", help="Write accuracy/epsilon per epoch to this PNG.", dir_okay=False
-        ),
-    ] = None,
+    as_json: JsonOption = False,
+    plot: PlotOption = None,
     store: StoreOption = DEFAULT_STORE,
 ) -> None:
     """Centralized DP-SGD training (default: scikit-learn digits, small CNN)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -10,7 +11,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from dpfl.accountants import steps_for_epochs
-from dpfl.clients.local_train import LocalTrainResult, evaluate, train_private
+from dpfl.clients.local_train import (
+    LocalTrainResult,
+    evaluate,
+    train_non_private,
+    train_private,
+)
 from dpfl.config import Config
 from dpfl.data import load_dataset
 from dpfl.models import create_model
@@ -119,29 +125,16 @@ def train_central(
 
 
 def _train_non_private(cfg, model, optimizer, loader, planned, run, on_step, data) -> CentralResult:
-    import math
-    import time
-
-    from dpfl.clients.local_train import cross_entropy_per_sample
-
-    start, steps, loss_sum = time.perf_counter(), 0, 0.0
-    model.train()
-    while steps < planned:
-        for x, y in loader:
-            optimizer.zero_grad()
-            loss = cross_entropy_per_sample(model(x), y).mean()
-            loss.backward()
-            optimizer.step()
-            steps += 1
-            loss_sum += float(loss.detach())
-            if on_step is not None:
-                on_step(steps, planned, float(loss))
-            if steps >= planned:
-                break
+    result = train_non_private(
+        model,
+        optimizer,
+        loader,
+        planned,
+        None if on_step is None else (lambda s, loss: on_step(s, planned, loss)),
+    )
     loss, acc = evaluate(model, data.test)
     if run is not None:
-        run.log_metrics({"test_accuracy": acc, "test_loss": loss, "steps": steps}, scope="final")
-    result = LocalTrainResult(
-        steps, "completed", loss_sum / max(steps, 1), math.inf, time.perf_counter() - start
-    )
+        run.log_metrics(
+            {"test_accuracy": acc, "test_loss": loss, "steps": result.steps}, scope="final"
+        )
     return CentralResult(acc, loss, math.inf, cfg.privacy.delta, None, result, planned)

@@ -33,7 +33,7 @@ from dpfl.accountants import (
     steps_for_epochs,
 )
 from dpfl.clients.central import privacy_kwargs
-from dpfl.clients.local_train import cross_entropy_per_sample, evaluate, train_private
+from dpfl.clients.local_train import evaluate, train_non_private, train_private
 from dpfl.clients.proximal import ProximalOptimizer
 from dpfl.config import Config
 from dpfl.data import load_dataset
@@ -183,20 +183,11 @@ def run_client_round(
 
 def _plain(cfg, model, train, global_state, metrics, clip) -> ClientResult:
     """No DP on the client: the update is the model (or the clipped update for dp-fedavg)."""
-    opt = _optimizer(cfg, model, global_state)
     loader = DataLoader(train, batch_size=min(cfg.data.batch_size, len(train)), shuffle=True)
-    steps, planned, loss_sum = 0, _local_steps(cfg, len(train)), 0.0
-    model.train()
-    while steps < planned:
-        for x, y in loader:
-            opt.zero_grad()
-            loss = cross_entropy_per_sample(model(x), y).mean()
-            loss.backward()
-            opt.step()
-            steps, loss_sum = steps + 1, loss_sum + float(loss.detach())
-            if steps >= planned:
-                break
-    metrics.update({"train-loss": loss_sum / max(steps, 1), "local-steps": float(steps)})
+    done = train_non_private(
+        model, _optimizer(cfg, model, global_state), loader, _local_steps(cfg, len(train))
+    )
+    metrics.update({"train-loss": done.mean_loss, "local-steps": float(done.steps)})
     new_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if clip is None:
         return ClientResult("trained", new_state, len(train), metrics)

@@ -22,7 +22,13 @@ from dpfl.accountants import steps_for_epochs
 from dpfl.errors import PrivacyBudgetError
 from dpfl.privacy import PrivateTraining
 
-__all__ = ["LocalTrainResult", "cross_entropy_per_sample", "evaluate", "train_private"]
+__all__ = [
+    "LocalTrainResult",
+    "cross_entropy_per_sample",
+    "evaluate",
+    "train_non_private",
+    "train_private",
+]
 
 
 def cross_entropy_per_sample(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -89,6 +95,33 @@ def train_private(
         epsilon=pt.epsilon(),
         seconds=time.perf_counter() - start,
         budget_message=message,
+    )
+
+
+def train_non_private(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    steps: int,
+    on_step: Callable[[int, float], None] | None = None,
+) -> LocalTrainResult:
+    """Plain minibatch training for ``steps`` steps (cycling the loader): baselines, and the
+    local solver of clients whose privacy is provided elsewhere (user-level DP-FedAvg)."""
+    start, done, loss_sum = time.perf_counter(), 0, 0.0
+    model.train()
+    while done < steps:
+        for x, y in loader:
+            optimizer.zero_grad()
+            loss = cross_entropy_per_sample(model(x), y).mean()
+            loss.backward()
+            optimizer.step()
+            done, loss_sum = done + 1, loss_sum + float(loss.detach())
+            if on_step is not None:
+                on_step(done, float(loss.detach()))
+            if done >= steps:
+                break
+    return LocalTrainResult(
+        done, "completed", loss_sum / max(done, 1), math.inf, time.perf_counter() - start
     )
 
 

@@ -195,9 +195,15 @@ class RunStore:
 
     @contextmanager
     def run(self, kind: str, config: Mapping[str, Any], **kwargs) -> Iterator[RunHandle]:
-        """Context manager: a run that ends ``completed``, ``failed`` (exception) or
+        """Context manager: a new run that ends ``completed``, ``failed`` (exception) or
         ``interrupted`` (Ctrl-C); the exception is re-raised."""
-        handle = self.create_run(kind, config, **kwargs)
+        with self.tracking(self.create_run(kind, config, **kwargs)) as handle:
+            yield handle
+
+    @contextmanager
+    def tracking(self, handle: RunHandle) -> Iterator[RunHandle]:
+        """Marks ``handle``'s run failed or interrupted if the block raises, completed if it
+        ends while the run is still marked running."""
         try:
             yield handle
         except KeyboardInterrupt:
