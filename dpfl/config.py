@@ -235,10 +235,15 @@ class OptimizerConfig(_Section):
 
     SECTION: ClassVar[str] = "optimizer"
 
-    name: str = _opt("sgd", choices=("sgd", "adam", "adamw"), doc="optimizer name")
+    name: str = _opt(
+        "sgd", choices=("sgd", "adam", "adamw", "sgd-sai", "scale", "muon"), doc="optimizer name"
+    )
     lr: float = _opt(0.5, check=positive, doc="learning rate (DP-SGD scale; lower it without DP)")
     momentum: float = _opt(0.0, check=in_unit_interval_closed_open, doc="momentum in [0, 1)")
     weight_decay: float = _opt(0.0, check=non_negative, doc="L2 weight decay")
+    adam_lr: float | None = _opt(
+        None, check=positive, doc="AdamW lr of hybrid optimizers' non-hidden params"
+    )
 
 
 @dataclass(frozen=True)

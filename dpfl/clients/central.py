@@ -79,7 +79,7 @@ def train_central(
     model = create_model(
         cfg.model, channels=data.channels, image_size=data.image_size, num_classes=data.num_classes
     )
-    optimizer = create_optimizer(cfg.optimizer, model.parameters())
+    optimizer = create_optimizer(cfg.optimizer, model)
     loader = DataLoader(data.train, batch_size=cfg.data.batch_size, shuffle=True)
     q = min(cfg.data.batch_size / len(data.train), 1.0)
     planned = steps_for_epochs(cfg.training.epochs, q)

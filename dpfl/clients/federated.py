@@ -120,7 +120,7 @@ def _seed(cfg: Config, server_round: int, partition_id: int) -> int:
 
 
 def _optimizer(cfg: Config, model: torch.nn.Module, global_state: dict) -> torch.optim.Optimizer:
-    opt = create_optimizer(cfg.optimizer, model.parameters())
+    opt = create_optimizer(cfg.optimizer, model)
     if cfg.federation.strategy == "fedprox" and cfg.federation.proximal_mu > 0:
         anchor = [global_state[n] for n, p in model.named_parameters() if p.requires_grad]
         opt = ProximalOptimizer(opt, anchor, cfg.federation.proximal_mu)

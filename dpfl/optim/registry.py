@@ -1,13 +1,20 @@
-"""Optimizer registry: ``create_optimizer(OptimizerConfig, params)``."""
+"""Optimizer registry: ``create_optimizer(OptimizerConfig, model)``.
+
+Plain optimizers get the model's trainable parameters; hybrid ones (``scale``, ``muon``) get one
+param group per role (:func:`dpfl.optim.roles.role_param_groups`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
+from torch import nn
 from torch.optim import Optimizer
 
 from dpfl.config import OptimizerConfig
+from dpfl.optim.muon import MuonHybrid
+from dpfl.optim.roles import role_param_groups
+from dpfl.optim.scale import SCALE
+from dpfl.optim.sgd_sai import SGDSaI
 from dpfl.registry import Registry
 
 __all__ = ["OPTIMIZERS", "create_optimizer"]
@@ -15,21 +22,60 @@ __all__ = ["OPTIMIZERS", "create_optimizer"]
 OPTIMIZERS: Registry[Optimizer] = Registry("optimizer")
 
 
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _adam_lr(cfg: OptimizerConfig) -> dict:
+    return {} if cfg.adam_lr is None else {"adam_lr": cfg.adam_lr}
+
+
 @OPTIMIZERS.register("sgd")
-def _sgd(params, cfg: OptimizerConfig) -> Optimizer:
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+def _sgd(model, cfg: OptimizerConfig) -> Optimizer:
+    return torch.optim.SGD(
+        _trainable(model), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
 
 
 @OPTIMIZERS.register("adam")
-def _adam(params, cfg: OptimizerConfig) -> Optimizer:
-    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+def _adam(model, cfg: OptimizerConfig) -> Optimizer:
+    return torch.optim.Adam(_trainable(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 @OPTIMIZERS.register("adamw")
-def _adamw(params, cfg: OptimizerConfig) -> Optimizer:
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+def _adamw(model, cfg: OptimizerConfig) -> Optimizer:
+    return torch.optim.AdamW(_trainable(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def create_optimizer(cfg: OptimizerConfig, params: Iterable[torch.nn.Parameter]) -> Optimizer:
-    """The optimizer named ``cfg.name`` over ``params``."""
-    return OPTIMIZERS.create(cfg.name, [p for p in params if p.requires_grad], cfg)
+@OPTIMIZERS.register("sgd-sai")
+def _sgd_sai(model, cfg: OptimizerConfig) -> Optimizer:
+    return SGDSaI(
+        _trainable(model), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+
+
+@OPTIMIZERS.register("scale")
+def _scale(model, cfg: OptimizerConfig) -> Optimizer:
+    return SCALE(
+        role_param_groups(model),
+        lr=cfg.lr,
+        momentum=cfg.momentum or 0.9,
+        weight_decay=cfg.weight_decay,
+        **_adam_lr(cfg),
+    )
+
+
+@OPTIMIZERS.register("muon")
+def _muon(model, cfg: OptimizerConfig) -> Optimizer:
+    return MuonHybrid(
+        role_param_groups(model),
+        lr=cfg.lr,
+        momentum=cfg.momentum or 0.95,
+        weight_decay=cfg.weight_decay,
+        **_adam_lr(cfg),
+    )
+
+
+def create_optimizer(cfg: OptimizerConfig, model: nn.Module) -> Optimizer:
+    """The optimizer named ``cfg.name`` over ``model``'s trainable parameters."""
+    return OPTIMIZERS.create(cfg.name, model, cfg)

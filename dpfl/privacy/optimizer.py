@@ -187,6 +187,10 @@ class DPOptimizer(Optimizer):
             noise = gaussian_like(s, std, self.generator, self.secure_mode)
             p.grad = (s + noise).div_(self.expected_batch_size).to(p.dtype)
         self.policy.end_step(self.expected_batch_size, self.generator)
+        # Adam-like inner optimizers correct their second moment for this noise (DP-AdamBC)
+        for group in self.original_optimizer.param_groups:
+            if "dp_noise_var" in group:
+                group["dp_noise_var"] = (std / self.expected_batch_size) ** 2
         self.original_optimizer.step()
         self.last_stats = StepStats(
             noise_std_sum=std,
