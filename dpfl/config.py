@@ -236,7 +236,23 @@ class OptimizerConfig(_Section):
     SECTION: ClassVar[str] = "optimizer"
 
     name: str = _opt(
-        "sgd", choices=("sgd", "adam", "adamw", "sgd-sai", "scale", "muon"), doc="optimizer name"
+        "sgd",
+        choices=(
+            "sgd",
+            "adam",
+            "adamw",
+            "sgd-sai",
+            "scale",
+            "swan",
+            "sinkgd",
+            "frugal",
+            "conda",
+            "muon",
+            "auon",
+            "hybrid-auon",
+            "drop-muon",
+        ),
+        doc="optimizer name",
     )
     lr: float = _opt(0.5, check=positive, doc="learning rate (DP-SGD scale; lower it without DP)")
     momentum: float = _opt(0.0, check=in_unit_interval_closed_open, doc="momentum in [0, 1)")

@@ -94,3 +94,59 @@ def adamw_update(
     if weight_decay:
         p.mul_(1 - lr * weight_decay)
     p.addcdiv_(m_hat, v_hat.sqrt().add_(eps), value=-lr)
+
+
+class MatrixOptimizer(torch.optim.Optimizer):
+    """Base of the hybrid solvers: parameters of ``matrix_roles`` (default: hidden matrices) get
+    the subclass's :meth:`matrix_step`; every other parameter gets AdamW at ``adam_lr`` (with
+    DP-AdamBC). Conv filters reach ``matrix_step`` as they are; subclasses view them (out, -1)."""
+
+    matrix_roles: tuple[str, ...] = ("hidden",)
+
+    def __init__(self, params, defaults: dict[str, Any]) -> None:
+        check_lr(defaults["lr"])
+        check_lr(defaults["adam_lr"], "adam_lr")
+        check_betas(defaults["betas"])
+        check_non_negative(defaults.get("weight_decay", 0.0), "weight_decay")
+        if "momentum" in defaults:
+            check_momentum(defaults["momentum"])
+        super().__init__(params, {**defaults, "dp_noise_var": 0.0})
+        for group in self.param_groups:
+            group["role"] = infer_role(group)
+
+    def matrix_step(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
+        raise NotImplementedError
+
+    def before_step(self) -> None:
+        """Hook run once per step before any parameter is updated."""
+
+    def skip(self, p: torch.Tensor) -> bool:
+        """Whether ``p`` is left untouched (weights and state) this step."""
+        return False
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.before_step()
+        for group in self.param_groups:
+            matrix = group["role"] in self.matrix_roles
+            for p in group["params"]:
+                if p.grad is None or self.skip(p):
+                    continue
+                if matrix and p.dim() >= 2:
+                    self.matrix_step(p, p.grad, self.state[p], group)
+                else:
+                    adamw_update(
+                        p,
+                        p.grad,
+                        self.state[p],
+                        lr=group["adam_lr"],
+                        betas=group["betas"],
+                        eps=group["eps"],
+                        weight_decay=group.get("weight_decay", 0.0),
+                        noise_var=group["dp_noise_var"],
+                    )
+        return loss

@@ -27,17 +27,9 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.optim import Optimizer
 
 from dpfl.errors import ConfigError
-from dpfl.optim._common import (
-    adamw_update,
-    check_betas,
-    check_lr,
-    check_momentum,
-    check_non_negative,
-    infer_role,
-)
+from dpfl.optim._common import MatrixOptimizer
 
 __all__ = ["MuonHybrid", "newton_schulz5"]
 
@@ -62,7 +54,7 @@ def newton_schulz5(
     return x.to(g.dtype)
 
 
-class MuonHybrid(Optimizer):
+class MuonHybrid(MatrixOptimizer):
     def __init__(
         self,
         params,
@@ -76,62 +68,32 @@ class MuonHybrid(Optimizer):
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-10,
     ) -> None:
-        check_lr(lr)
-        check_lr(adam_lr, "adam_lr")
-        check_momentum(momentum)
-        check_betas(betas)
-        check_non_negative(weight_decay, "weight_decay")
         if ns_steps < 1:
             raise ConfigError(f"ns_steps must be >= 1, got {ns_steps}")
-        defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            nesterov=nesterov,
-            ns_steps=ns_steps,
-            adam_lr=adam_lr,
-            betas=tuple(betas),
-            eps=eps,
-            dp_noise_var=0.0,
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                momentum=momentum,
+                weight_decay=weight_decay,
+                nesterov=nesterov,
+                ns_steps=ns_steps,
+                adam_lr=adam_lr,
+                betas=tuple(betas),
+                eps=eps,
+            ),
         )
-        super().__init__(params, defaults)
         self.ns_dtype = ns_dtype
-        for group in self.param_groups:
-            group["role"] = infer_role(group)
 
-    @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            hidden = group["role"] == "hidden"
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not hidden:
-                    adamw_update(
-                        p,
-                        p.grad,
-                        state,
-                        lr=group["adam_lr"],
-                        betas=group["betas"],
-                        eps=group["eps"],
-                        weight_decay=group["weight_decay"],
-                        noise_var=group["dp_noise_var"],
-                    )
-                    continue
-                beta = group["momentum"]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"].lerp_(p.grad, 1 - beta)
-                u = p.grad.lerp(buf, beta) if group["nesterov"] else buf
-                u2 = u.reshape(u.shape[0], -1)
-                o = newton_schulz5(u2, group["ns_steps"], self.ns_dtype)
-                o = o * math.sqrt(max(1.0, u2.shape[0] / u2.shape[1]))
-                if group["weight_decay"]:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(o.reshape(p.shape), alpha=-group["lr"])
-        return loss
+    def matrix_step(self, p, grad, state, group) -> None:
+        beta = group["momentum"]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        buf = state["momentum_buffer"].lerp_(grad, 1 - beta)
+        u = grad.lerp(buf, beta) if group["nesterov"] else buf
+        u2 = u.reshape(u.shape[0], -1)
+        o = newton_schulz5(u2, group["ns_steps"], self.ns_dtype)
+        o = o * math.sqrt(max(1.0, u2.shape[0] / u2.shape[1]))
+        if group["weight_decay"]:
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.add_(o.reshape(p.shape), alpha=-group["lr"])

@@ -11,10 +11,16 @@ from torch import nn
 from torch.optim import Optimizer
 
 from dpfl.config import OptimizerConfig
+from dpfl.optim.auon import AuON
+from dpfl.optim.conda import Conda
+from dpfl.optim.drop_muon import DropMuon
+from dpfl.optim.frugal import FRUGAL
 from dpfl.optim.muon import MuonHybrid
 from dpfl.optim.roles import role_param_groups
 from dpfl.optim.scale import SCALE
 from dpfl.optim.sgd_sai import SGDSaI
+from dpfl.optim.sinkgd import SinkGD
+from dpfl.optim.swan import SWAN
 from dpfl.registry import Registry
 
 __all__ = ["OPTIMIZERS", "create_optimizer"]
@@ -68,6 +74,66 @@ def _scale(model, cfg: OptimizerConfig) -> Optimizer:
 @OPTIMIZERS.register("muon")
 def _muon(model, cfg: OptimizerConfig) -> Optimizer:
     return MuonHybrid(
+        role_param_groups(model),
+        lr=cfg.lr,
+        momentum=cfg.momentum or 0.95,
+        weight_decay=cfg.weight_decay,
+        **_adam_lr(cfg),
+    )
+
+
+@OPTIMIZERS.register("swan")
+def _swan(model, cfg: OptimizerConfig) -> Optimizer:
+    return SWAN(role_param_groups(model), lr=cfg.lr, weight_decay=cfg.weight_decay, **_adam_lr(cfg))
+
+
+@OPTIMIZERS.register("sinkgd")
+def _sinkgd(model, cfg: OptimizerConfig) -> Optimizer:
+    return SinkGD(
+        role_param_groups(model), lr=cfg.lr, weight_decay=cfg.weight_decay, **_adam_lr(cfg)
+    )
+
+
+@OPTIMIZERS.register("frugal")
+def _frugal(model, cfg: OptimizerConfig) -> Optimizer:
+    return FRUGAL(
+        role_param_groups(model), lr=cfg.lr, weight_decay=cfg.weight_decay, **_adam_lr(cfg)
+    )
+
+
+@OPTIMIZERS.register("conda")
+def _conda(model, cfg: OptimizerConfig) -> Optimizer:
+    return Conda(
+        role_param_groups(model), lr=cfg.lr, weight_decay=cfg.weight_decay, **_adam_lr(cfg)
+    )
+
+
+@OPTIMIZERS.register("auon")
+def _auon(model, cfg: OptimizerConfig) -> Optimizer:
+    return AuON(
+        role_param_groups(model),
+        lr=cfg.lr,
+        momentum=cfg.momentum or 0.95,
+        weight_decay=cfg.weight_decay,
+        **_adam_lr(cfg),
+    )
+
+
+@OPTIMIZERS.register("hybrid-auon")
+def _hybrid_auon(model, cfg: OptimizerConfig) -> Optimizer:
+    return AuON(
+        role_param_groups(model),
+        lr=cfg.lr,
+        momentum=cfg.momentum or 0.95,
+        hybrid=True,
+        weight_decay=cfg.weight_decay,
+        **_adam_lr(cfg),
+    )
+
+
+@OPTIMIZERS.register("drop-muon")
+def _drop_muon(model, cfg: OptimizerConfig) -> Optimizer:
+    return DropMuon(
         role_param_groups(model),
         lr=cfg.lr,
         momentum=cfg.momentum or 0.95,

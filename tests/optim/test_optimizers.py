@@ -19,8 +19,31 @@ from dpfl.optim.scale import SCALE, colnorm
 from dpfl.optim.sgd_sai import SGDSaI
 from dpfl.privacy import make_private
 
-NEW = {"sgd-sai": 0.5, "scale": 0.01, "muon": 0.02}  # learning rates under DP (digits)
-PLAIN_LR = {"sgd-sai": 0.05, "scale": 0.003, "muon": 0.02}  # without DP
+# learning rates under DP (digits) and without DP (the synthetic task below)
+NEW = {
+    "sgd-sai": 0.5,
+    "scale": 0.01,
+    "muon": 0.02,
+    "swan": 0.003,
+    "sinkgd": 0.003,
+    "frugal": 0.003,
+    "conda": 0.003,
+    "auon": 0.02,
+    "hybrid-auon": 0.02,
+    "drop-muon": 0.02,
+}
+PLAIN_LR = {
+    "sgd-sai": 0.05,
+    "scale": 0.003,
+    "muon": 0.02,
+    "swan": 0.003,
+    "sinkgd": 0.003,
+    "frugal": 0.003,
+    "conda": 0.003,
+    "auon": 0.02,
+    "hybrid-auon": 0.02,
+    "drop-muon": 0.02,
+}
 
 
 class TinyLM(nn.Module):
@@ -86,6 +109,14 @@ def step_once(opt, model):
         ("scale", {"hidden": 0, "embedding": 0, "head": 4, "vector": 8}),
         ("muon", {"hidden": 4, "embedding": 8, "head": 8, "vector": 8}),
         ("sgd-sai", {"hidden": 4, "embedding": 4, "head": 4, "vector": 4}),
+        ("swan", {"hidden": 0, "embedding": 8, "head": 8, "vector": 8}),
+        ("sinkgd", {"hidden": 0, "embedding": 8, "head": 8, "vector": 8}),
+        ("auon", {"hidden": 4, "embedding": 8, "head": 8, "vector": 8}),
+        ("hybrid-auon", {"hidden": 4, "embedding": 8, "head": 8, "vector": 8}),
+        # one hidden tensor: round(0.25 * 1) = 1 active block holding Adam's 8 bytes
+        ("frugal", {"hidden": 8, "embedding": 8, "head": 8, "vector": 8}),
+        # m and v (8) + the 16 x 16 rotation of the (32 x 16) hidden matrix: 4 * 256 / 512 = 2
+        ("conda", {"hidden": 10, "embedding": 8, "head": 8, "vector": 8}),
     ],
 )
 def test_state_bytes_per_param_match_the_spec_table(name, expected):
@@ -293,6 +324,134 @@ def test_every_optimizer_works_inside_the_private_step(name, backend):
     )
     before = [p.detach().clone() for p in pt.optimizer.params]
     pt.train_step(x[:64], y[:64], lambda o, t: F.cross_entropy(o, t, reduction="none"))
-    assert all(not torch.equal(p, b) for p, b in zip(pt.optimizer.params, before, strict=True))
+    changed = [not torch.equal(p, b) for p, b in zip(pt.optimizer.params, before, strict=True)]
+    # drop-muon leaves a random prefix of the blocks untouched; the last block always moves
+    assert changed[-1] and (all(changed) or name == "drop-muon")
     noise_vars = [g["dp_noise_var"] for g in opt.param_groups if "dp_noise_var" in g]
     assert all(v == pytest.approx((1.0 * 1.0 / 64) ** 2) for v in noise_vars)
+
+
+# -- SinkGD, SWAN --------------------------------------------------------------------------------
+def test_sinkhorn_reaches_the_row_and_column_norms_and_ignores_rescaling():
+    from dpfl.optim.sinkgd import sr_sinkhorn
+
+    torch.manual_seed(0)
+    g = torch.randn(12, 30).double()
+    x = sr_sinkhorn(g, iters=50)
+    assert torch.allclose(x.norm(dim=1), torch.full((12,), math.sqrt(30)).double(), atol=1e-4)
+    assert torch.allclose(x.norm(dim=0), torch.full((30,), math.sqrt(12)).double(), atol=1e-4)
+    rescaled = g * torch.rand(12, 1).double().add(0.5) * torch.rand(1, 30).double().add(0.5)
+    assert torch.allclose(sr_sinkhorn(rescaled, iters=50), x, atol=1e-4)
+
+
+def test_swan_whitens_the_standardized_gradient():
+    from dpfl.optim.swan import swan_direction
+
+    torch.manual_seed(0)
+    for shape in [(8, 40), (40, 8)]:
+        g = torch.randn(*shape).double()
+        d = swan_direction(g, ns_steps=30)
+        wide = g if shape[0] <= shape[1] else g.T
+        z = (wide - wide.mean(1, keepdim=True)) / wide.std(1, unbiased=False, keepdim=True)
+        u, _, vh = torch.linalg.svd(z, full_matrices=False)
+        expected = math.sqrt(wide.shape[1]) * (u @ vh)
+        got = d if shape[0] <= shape[1] else d.T
+        assert torch.allclose(got, expected, atol=1e-4)
+        assert float(d.pow(2).mean().sqrt()) == pytest.approx(1.0, rel=1e-6)
+
+
+# -- FRUGAL --------------------------------------------------------------------------------------
+def test_frugal_blockwise_gives_every_hidden_tensor_exactly_one_rule_and_agrees_across_clients():
+    from dpfl.optim.frugal import FRUGAL
+
+    def active_sets(seed):
+        torch.manual_seed(0)
+        model = SmallCNN()
+        opt = FRUGAL(role_param_groups(model), lr=1e-3, density=0.5, update_gap=2, seed=seed)
+        x, y = data()
+        sets = []
+        for _ in range(6):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            sets.append(frozenset(opt.active))
+            hidden = opt.hidden_params()
+            with_state = {id(p) for p in hidden if opt.state[p]}
+            assert with_state == set(opt.active)  # Adam only on active tensors
+            assert len(opt.active) == round(0.5 * len(hidden))
+        return [sorted(i for i, p in enumerate(opt.hidden_params()) if id(p) in s) for s in sets]
+
+    a, b = active_sets(seed=7), active_sets(seed=7)
+    assert a == b  # same (seed, step) -> same active blocks on every client
+    assert a[0] == a[1] and a[2] == a[3]  # fixed within an update period
+
+
+@pytest.mark.parametrize("mode", ["svd", "random"])
+def test_frugal_projection_split_covers_every_coordinate(mode):
+    from dpfl.optim.frugal import FRUGAL
+
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(10, 24))
+    w.grad = torch.randn(10, 24)
+    opt = FRUGAL([{"params": [w], "role": "hidden"}], lr=1e-3, mode=mode, density=0.25)
+    opt.step()
+    proj = opt.state[w]["projector"]
+    assert torch.allclose(proj @ proj.T, torch.eye(proj.shape[0]), atol=1e-5)
+    up, rest = FRUGAL.split(w.grad, proj, right=False)  # 10 x 24: the 10-row side is projected
+    assert torch.allclose(up + rest, w.grad)
+    assert torch.allclose(proj @ rest, torch.zeros(proj.shape[0], 24), atol=1e-5)
+
+
+# -- Conda, AuON, Drop-Muon ----------------------------------------------------------------------
+def test_conda_rotates_by_the_momentum_singular_vectors():
+    from dpfl.optim.conda import Conda
+
+    torch.manual_seed(0)
+    for shape in [(20, 6), (6, 20)]:
+        w = nn.Parameter(torch.randn(*shape))
+        w.grad = torch.randn(*shape)
+        opt = Conda([{"params": [w], "role": "hidden"}], lr=1e-3)
+        opt.step()
+        o = opt.state[w]["rotation"]
+        assert torch.allclose(o @ o.T, torch.eye(6), atol=1e-5)
+        assert opt.state[w]["exp_avg_sq"].shape == shape  # rotated g keeps its shape
+
+
+def test_auon_cosh_factor_is_within_its_bound_and_the_update_has_unit_norm():
+    from dpfl.optim.auon import AuON, auon_direction
+
+    torch.manual_seed(0)
+    for n, gamma in [(8, 1.0), (64, 1.0), (32, 1.5)]:
+        u = torch.randn(n, n)
+        o, r = auon_direction(u, gamma)
+        assert 1.0 <= r <= math.sqrt(1 + math.sinh(gamma) ** 2 / (n * n)) + 1e-6
+        assert float(o.norm()) == pytest.approx(1 / r, rel=1e-5)
+    w = nn.Parameter(torch.zeros(30, 10))
+    w.grad = torch.randn(30, 10)
+    AuON([{"params": [w], "role": "hidden"}], lr=0.1).step()
+    _, r = auon_direction(w.grad.lerp(0.05 * w.grad, 0.95), 1.0)
+    assert float(w.norm()) == pytest.approx(0.1 * math.sqrt(3) / r, rel=1e-4)  # lr sqrt(R/C) / r
+
+
+def test_drop_muon_freezes_a_seeded_prefix_of_the_blocks():
+    from dpfl.optim.drop_muon import DropMuon
+
+    def run(seed):
+        torch.manual_seed(0)
+        model = SmallCNN()
+        opt = DropMuon(role_param_groups(model), lr=0.02, seed=seed)
+        blocks = opt.blocks()
+        x, y = data()
+        cutoffs = []
+        for _ in range(4):
+            before = [p.detach().clone() for p in blocks]
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            k = opt.last_cutoff
+            cutoffs.append(k)
+            assert all(torch.equal(p, b) for p, b in zip(blocks[:k], before[:k], strict=True))
+            assert all(not torch.equal(p, b) for p, b in zip(blocks[k:], before[k:], strict=True))
+        return cutoffs
+
+    assert run(3) == run(3) and len(set(run(3))) > 1
