@@ -229,36 +229,44 @@ class PrivacyConfig(_Section):
             )
 
 
+#: every name in dpfl.optim.OPTIMIZERS (a test keeps the two equal)
+OPTIMIZER_NAMES = (
+    "sgd",
+    "adam",
+    "adamw",
+    "sgd-sai",
+    "scale",
+    "swan",
+    "sinkgd",
+    "frugal",
+    "conda",
+    "muon",
+    "auon",
+    "hybrid-auon",
+    "drop-muon",
+    "lion",
+    "adan",
+    "adabelief",
+    "adamp",
+    "diffgrad",
+)
+
+
 @dataclass(frozen=True)
 class OptimizerConfig(_Section):
     """The (local) solver; under DP it only ever sees privatized gradients."""
 
     SECTION: ClassVar[str] = "optimizer"
 
-    name: str = _opt(
-        "sgd",
-        choices=(
-            "sgd",
-            "adam",
-            "adamw",
-            "sgd-sai",
-            "scale",
-            "swan",
-            "sinkgd",
-            "frugal",
-            "conda",
-            "muon",
-            "auon",
-            "hybrid-auon",
-            "drop-muon",
-        ),
-        doc="optimizer name",
-    )
+    name: str = _opt("sgd", choices=OPTIMIZER_NAMES, doc="optimizer name (dpfl optimizers)")
     lr: float = _opt(0.5, check=positive, doc="learning rate (DP-SGD scale; lower it without DP)")
     momentum: float = _opt(0.0, check=in_unit_interval_closed_open, doc="momentum in [0, 1)")
     weight_decay: float = _opt(0.0, check=non_negative, doc="L2 weight decay")
     adam_lr: float | None = _opt(
         None, check=positive, doc="AdamW lr of hybrid optimizers' non-hidden params"
+    )
+    local_state: str = _opt(
+        "reset", choices=("reset", "persist"), doc="federated clients: keep solver state"
     )
 
 

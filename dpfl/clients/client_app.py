@@ -30,6 +30,7 @@ __all__ = ["app"]
 app = ClientApp()
 
 _STATE_KEY = "dpfl"
+_OPTIM_KEY = "dpfl-optimizer"  # the local solver's state, with optimizer.local-state = "persist"
 
 
 @app.train()
@@ -42,6 +43,7 @@ def train(msg: Message, context: Context) -> Message:
     record = context.state.config_records.get(_STATE_KEY)
     state = json.loads(str(record["json"])) if record is not None else {}
     history = decode_phases(str(extra[HISTORY])) if HISTORY in extra else None
+    saved = context.state.config_records.get(_OPTIM_KEY)
     result = run_client_round(
         cfg,
         pid,
@@ -50,8 +52,11 @@ def train(msg: Message, context: Context) -> Message:
         state,
         clip=float(extra[CLIP]) if CLIP in extra else None,
         server_history=history,
+        optimizer_state=None if saved is None else bytes(saved["blob"]),
     )
     context.state.config_records[_STATE_KEY] = ConfigRecord({"json": json.dumps(state)})
+    if result.optimizer_state is not None:
+        context.state.config_records[_OPTIM_KEY] = ConfigRecord({"blob": result.optimizer_state})
     content = RecordDict(
         {
             "metrics": MetricRecord(result.metrics | {"num-examples": result.num_examples}),

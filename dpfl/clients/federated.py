@@ -17,6 +17,7 @@ Three modes, from the config:
 from __future__ import annotations
 
 import functools
+import io
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +59,7 @@ class ClientResult:
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
     phases: list[Phase] = field(default_factory=list)
+    optimizer_state: bytes | None = None  # with optimizer.local-state = "persist"
 
 
 @functools.lru_cache(maxsize=8)
@@ -119,8 +121,12 @@ def _seed(cfg: Config, server_round: int, partition_id: int) -> int:
     return (cfg.seed * 1_000_003 + server_round * 7_919 + partition_id) % (2**31 - 1)
 
 
-def _optimizer(cfg: Config, model: torch.nn.Module, global_state: dict) -> torch.optim.Optimizer:
+def _optimizer(
+    cfg: Config, model: torch.nn.Module, global_state: dict, saved: bytes | None = None
+) -> torch.optim.Optimizer:
     opt = create_optimizer(cfg.optimizer, model)
+    if saved is not None and cfg.optimizer.local_state == "persist":
+        opt.load_state_dict(torch.load(io.BytesIO(saved), weights_only=False))
     if cfg.federation.strategy == "fedprox" and cfg.federation.proximal_mu > 0:
         anchor = [global_state[n] for n, p in model.named_parameters() if p.requires_grad]
         opt = ProximalOptimizer(opt, anchor, cfg.federation.proximal_mu)
@@ -154,6 +160,7 @@ def run_client_round(
     *,
     clip: float | None = None,
     server_history: list[Phase] | None = None,
+    optimizer_state: bytes | None = None,
 ) -> ClientResult:
     """Trains one round; ``state`` (the client's persistent state) is updated in place."""
     torch.manual_seed(_seed(cfg, server_round, partition_id))
@@ -161,32 +168,27 @@ def run_client_round(
     model = _model(cfg)
     model.load_state_dict(global_state)
     metrics: dict[str, float] = {"partition-id": float(partition_id)}
+    opt = _optimizer(cfg, model, global_state, optimizer_state)
     if cfg.privacy.enabled and cfg.privacy.level == "sample":
         result = _sample_level(
-            cfg,
-            partition_id,
-            model,
-            train,
-            global_state,
-            server_round,
-            state,
-            server_history or [],
-            metrics,
+            cfg, partition_id, model, opt, train, server_round, state, server_history or [], metrics
         )
     else:
-        result = _plain(cfg, model, train, global_state, metrics, clip)
+        result = _plain(cfg, model, opt, train, global_state, metrics, clip)
+    if cfg.optimizer.local_state == "persist":
+        buf = io.BytesIO()
+        torch.save(opt.state_dict(), buf)
+        result.optimizer_state = buf.getvalue()
     if result.status == "trained" and len(test) > 0:
         _, acc = evaluate(model, test)
         metrics["local-test-accuracy"] = acc
     return result
 
 
-def _plain(cfg, model, train, global_state, metrics, clip) -> ClientResult:
+def _plain(cfg, model, opt, train, global_state, metrics, clip) -> ClientResult:
     """No DP on the client: the update is the model (or the clipped update for dp-fedavg)."""
     loader = DataLoader(train, batch_size=min(cfg.data.batch_size, len(train)), shuffle=True)
-    done = train_non_private(
-        model, _optimizer(cfg, model, global_state), loader, _local_steps(cfg, len(train))
-    )
+    done = train_non_private(model, opt, loader, _local_steps(cfg, len(train)))
     metrics.update({"train-loss": done.mean_loss, "local-steps": float(done.steps)})
     new_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if clip is None:
@@ -197,7 +199,7 @@ def _plain(cfg, model, train, global_state, metrics, clip) -> ClientResult:
 
 
 def _sample_level(
-    cfg, pid, model, train, global_state, server_round, state, server_history, metrics
+    cfg, pid, model, opt, train, server_round, state, server_history, metrics
 ) -> ClientResult:
     who = participant_name(pid)
     own = [Phase(*t) for t in state.get("phases", [])]
@@ -228,7 +230,7 @@ def _sample_level(
     before = len(ledger.events)
     pt = make_private(
         model,
-        _optimizer(cfg, model, global_state),
+        opt,
         loader,
         participant=who,
         ledger=ledger,

@@ -23,7 +23,7 @@ from dpfl.optim.sinkgd import SinkGD
 from dpfl.optim.swan import SWAN
 from dpfl.registry import Registry
 
-__all__ = ["OPTIMIZERS", "create_optimizer"]
+__all__ = ["DESCRIPTIONS", "OPTIMIZERS", "create_optimizer"]
 
 OPTIMIZERS: Registry[Optimizer] = Registry("optimizer")
 
@@ -140,6 +140,49 @@ def _drop_muon(model, cfg: OptimizerConfig) -> Optimizer:
         weight_decay=cfg.weight_decay,
         **_adam_lr(cfg),
     )
+
+
+# Maintained implementations from pytorch-optimizer (kozistr/pytorch_optimizer), registered rather
+# than rewritten. They know nothing of DP-AdamBC.
+def _library(cls_name: str):
+    def make(model, cfg: OptimizerConfig) -> Optimizer:
+        import pytorch_optimizer
+
+        cls = getattr(pytorch_optimizer, cls_name)
+        return cls(_trainable(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    return make
+
+
+for _name, _cls in [
+    ("lion", "Lion"),
+    ("adan", "Adan"),
+    ("adabelief", "AdaBelief"),
+    ("adamp", "AdamP"),
+    ("diffgrad", "DiffGrad"),
+]:
+    OPTIMIZERS.register(_name, _library(_cls))
+
+DESCRIPTIONS = {
+    "sgd": "SGD (momentum optional); torch",
+    "adam": "Adam; torch",
+    "adamw": "AdamW; torch",
+    "sgd-sai": "SGD-SaI: momentum SGD, per-tensor lr fixed from the first step's g-SNR",
+    "scale": "SCALE: column-normalized SGD, momentum on the head only, AdamW on vectors",
+    "swan": "SWAN: stateless row-standardized and whitened gradient on hidden matrices",
+    "sinkgd": "SinkGD: stateless square-root-Sinkhorn normalized gradient on hidden matrices",
+    "frugal": "FRUGAL: Adam on a rotating subset of hidden tensors, signSGD on the rest",
+    "conda": "Conda: Adam in the momentum's singular basis (faster, not smaller)",
+    "muon": "Muon: Newton-Schulz orthogonalized momentum on hidden matrices, AdamW elsewhere",
+    "auon": "AuON: unit-norm (cosh-RMS scaled) Nesterov momentum on hidden matrices",
+    "hybrid-auon": "Hybrid-AuON: AuON after one Newton-Schulz step",
+    "drop-muon": "Drop-Muon: Muon on a random suffix of the layers each step",
+    "lion": "Lion: sign of interpolated momentum; pytorch-optimizer",
+    "adan": "Adan: adaptive Nesterov momentum; pytorch-optimizer",
+    "adabelief": "AdaBelief: Adam with the belief second moment; pytorch-optimizer",
+    "adamp": "AdamP: Adam with projection for scale-invariant weights; pytorch-optimizer",
+    "diffgrad": "diffGrad: Adam with a gradient-change friction term; pytorch-optimizer",
+}
 
 
 def create_optimizer(cfg: OptimizerConfig, model: nn.Module) -> Optimizer:

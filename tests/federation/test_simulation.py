@@ -186,3 +186,24 @@ def test_non_dp_run_tolerates_a_failing_client(store_path):
     result = run_rounds(InProcessGrid(_wrapped(failing), 4), cfg)
     assert result.rounds_completed == 2
     assert all(row["dropped"] == 1.0 for row in result.history)
+
+
+@pytest.mark.parametrize("local_state", ["reset", "persist"])
+def test_local_solver_state_resets_or_persists_across_rounds(local_state):
+    seen = []
+
+    def spy(msg, ctx):
+        reply = dpfl_train(msg, ctx)
+        if ctx.node_config["partition-id"] == 0:
+            seen.append("dpfl-optimizer" in ctx.state.config_records)
+        return reply
+
+    cfg = cfg_with(
+        "privacy.noise-multiplier=1.0",
+        "optimizer.name='muon'",
+        "optimizer.lr=0.02",
+        f"optimizer.local-state='{local_state}'",
+    )
+    result = run_rounds(InProcessGrid(_wrapped(spy), 4), cfg)
+    assert result.rounds_completed == 2
+    assert seen == ([True, True] if local_state == "persist" else [False, False])

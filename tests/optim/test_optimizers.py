@@ -455,3 +455,28 @@ def test_drop_muon_freezes_a_seeded_prefix_of_the_blocks():
         return cutoffs
 
     assert run(3) == run(3) and len(set(run(3))) > 1
+
+
+def test_config_lists_exactly_the_registered_optimizers():
+    from dpfl.config import OPTIMIZER_NAMES
+
+    assert sorted(OPTIMIZER_NAMES) == OPTIMIZERS.names()
+
+
+def test_dpfl_optimizers_lists_measured_state_sizes():
+    import json
+
+    from typer.testing import CliRunner
+
+    from dpfl.cli.main import app
+
+    result = CliRunner().invoke(app, ["optimizers", "--json"])
+    rows = json.loads(result.stdout)
+    assert rows["scale"]["state_bytes_per_param"] == {
+        "hidden": 0,
+        "embedding": 0,
+        "head": 4,
+        "vector": 8,
+    }
+    assert rows["adamw"]["state_bytes_per_param"]["hidden"] == 8
+    assert all(r["description"] for r in rows.values())
