@@ -26,9 +26,9 @@ __all__ = ["AuON", "auon_direction"]
 
 def auon_direction(u: torch.Tensor, gamma: float = 1.0) -> tuple[torch.Tensor, float]:
     """(O, r) for a 2-D update ``u``."""
-    x = u / (u.norm() + 1e-7)
-    r = float(torch.cosh(gamma * x).pow(2).mean().sqrt())
-    return x / (r + 1e-8), r
+    x = u / (torch.linalg.vector_norm(u) + 1e-7)
+    r = math.sqrt(float(torch.cosh(x * gamma).square_().mean()))
+    return x.div_(r + 1e-8), r
 
 
 class AuON(MatrixOptimizer):

@@ -26,11 +26,21 @@ __all__ = ["SinkGD", "sr_sinkhorn"]
 
 
 def sr_sinkhorn(g: torch.Tensor, iters: int = 5, eps: float = 1e-8) -> torch.Tensor:
-    x = g.reshape(g.shape[0], -1).float()
+    x = g.reshape(g.shape[0], -1).to(torch.float32, copy=True)  # scaled in place below
     m, n = x.shape
     for _ in range(iters):
-        x = math.sqrt(n) * x / x.norm(dim=1, keepdim=True).clamp_min(eps)
-        x = math.sqrt(m) * x / x.norm(dim=0, keepdim=True).clamp_min(eps)
+        x.mul_(
+            torch.linalg.vector_norm(x, dim=1, keepdim=True)
+            .clamp_min_(eps)
+            .reciprocal_()
+            .mul_(math.sqrt(n))
+        )
+        x.mul_(
+            torch.linalg.vector_norm(x, dim=0, keepdim=True)
+            .clamp_min_(eps)
+            .reciprocal_()
+            .mul_(math.sqrt(m))
+        )
     return x.reshape(g.shape).to(g.dtype)
 
 
