@@ -43,3 +43,36 @@ def test_dp_overhead_benchmark_quick_prints_every_named_ratio():
     assert figures["minilm_lora_time_ratio"] == min(
         figures[f"minilm_lora_{b}_time_ratio"] for b in ("hooks", "functorch", "ghost", "bk")
     )
+
+
+@pytest.mark.slow
+def test_optimizers_benchmark_quick_prints_every_named_figure():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "optimizers.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    names = ["sgd_sai", "scale", "swan", "sinkgd", "frugal", "conda", "muon", "auon", "drop_muon"]
+    for name in names:
+        for key in ("state_bytes_per_param", "time_ratio_vs_adamw", "loss_ratio_vs_adamw"):
+            assert f"{name}_{key}" in figures
+    for name in ("scale", "swan", "sinkgd"):
+        assert figures[f"{name}_state_bytes_per_param"] == 0.0
+    assert figures["sgd_sai_state_bytes_per_param"] == 4.0
+
+
+@pytest.mark.slow
+def test_simulation_benchmark_quick_reproduces_the_plain_loop():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "simulation.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    assert figures["same_result_10"] and figures["same_result_100"]
+    assert figures["overhead_ratio_100"] > 0 and figures["mem_ratio_1000_vs_10"] > 0
