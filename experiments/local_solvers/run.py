@@ -26,7 +26,7 @@ from dpfl.simulation.runner import simulate
 HERE = Path(__file__).parent
 LRS = {
     "sgd": 0.5,
-    "adamw": 2e-3,
+    "adamw": 5e-3,
     "sgd-sai": 0.5,
     "scale": 0.01,
     "swan": 3e-3,
@@ -66,10 +66,10 @@ def main(seeds: int = 2) -> None:
                     f"seed={seed}",
                     "data.name='digits'",
                     "data.batch-size=32",
-                    "federation.num-clients=10",
-                    "federation.rounds=8",
+                    "federation.num-clients=5",
+                    "federation.rounds=10",
                     "federation.local-epochs=1",
-                    "privacy.target-epsilon=4.0",
+                    "privacy.target-epsilon=8.0",
                     f"optimizer.name='{name}'",
                     f"optimizer.lr={lr}",
                     "optimizer.momentum=0.9" if name in ("sgd-sai",) else "optimizer.momentum=0.0",
