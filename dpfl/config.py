@@ -268,6 +268,19 @@ class OptimizerConfig(_Section):
     local_state: str = _opt(
         "reset", choices=("reset", "persist"), doc="federated clients: keep solver state"
     )
+    options: str = _opt(
+        "{}", doc='extra constructor arguments as a JSON object, e.g. {"density": 0.5}'
+    )
+
+    def _validate(self) -> None:
+        import json
+
+        try:
+            value = json.loads(self.options)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"optimizer.options must be a JSON object: {e}") from None
+        if not isinstance(value, dict):
+            raise ConfigError(f"optimizer.options must be a JSON object, got {self.options!r}")
 
 
 @dataclass(frozen=True)

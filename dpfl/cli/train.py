@@ -59,6 +59,10 @@ def train(
     epochs: Annotated[
         float | None, typer.Option("--epochs", help="Training epochs (training.epochs).")
     ] = None,
+    optimizer: Annotated[
+        str | None,
+        typer.Option("--optimizer", help="Local solver (optimizer.name; see dpfl optimizers)."),
+    ] = None,
     non_private: Annotated[
         bool,
         typer.Option(
@@ -82,6 +86,8 @@ def train(
         sets.append(f"privacy.target-epsilon={epsilon!r}")
     if epochs is not None:
         sets.append(f"training.epochs={epochs!r}")
+    if optimizer is not None:
+        sets.append(f"optimizer.name={optimizer!r}")
     if non_private:
         sets += ["privacy.enabled=false"]
     cfg = load_config(config, sets)

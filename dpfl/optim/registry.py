@@ -6,11 +6,14 @@ param group per role (:func:`dpfl.optim.roles.role_param_groups`).
 
 from __future__ import annotations
 
+import json
+
 import torch
 from torch import nn
 from torch.optim import Optimizer
 
 from dpfl.config import OptimizerConfig
+from dpfl.errors import ConfigError
 from dpfl.optim.auon import AuON
 from dpfl.optim.conda import Conda
 from dpfl.optim.drop_muon import DropMuon
@@ -37,90 +40,119 @@ def _adam_lr(cfg: OptimizerConfig) -> dict:
 
 
 @OPTIMIZERS.register("sgd")
-def _sgd(model, cfg: OptimizerConfig) -> Optimizer:
+def _sgd(model, cfg: OptimizerConfig, **options) -> Optimizer:
     return torch.optim.SGD(
-        _trainable(model), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        _trainable(model),
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        **options,
     )
 
 
 @OPTIMIZERS.register("adam")
-def _adam(model, cfg: OptimizerConfig) -> Optimizer:
-    return torch.optim.Adam(_trainable(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
+def _adam(model, cfg: OptimizerConfig, **options) -> Optimizer:
+    return torch.optim.Adam(_trainable(model), lr=cfg.lr, weight_decay=cfg.weight_decay, **options)
 
 
 @OPTIMIZERS.register("adamw")
-def _adamw(model, cfg: OptimizerConfig) -> Optimizer:
-    return torch.optim.AdamW(_trainable(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
+def _adamw(model, cfg: OptimizerConfig, **options) -> Optimizer:
+    return torch.optim.AdamW(_trainable(model), lr=cfg.lr, weight_decay=cfg.weight_decay, **options)
 
 
 @OPTIMIZERS.register("sgd-sai")
-def _sgd_sai(model, cfg: OptimizerConfig) -> Optimizer:
+def _sgd_sai(model, cfg: OptimizerConfig, **options) -> Optimizer:
     return SGDSaI(
-        _trainable(model), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        _trainable(model),
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        **options,
     )
 
 
 @OPTIMIZERS.register("scale")
-def _scale(model, cfg: OptimizerConfig) -> Optimizer:
+def _scale(model, cfg: OptimizerConfig, **options) -> Optimizer:
     return SCALE(
         role_param_groups(model),
         lr=cfg.lr,
         momentum=cfg.momentum or 0.9,
         weight_decay=cfg.weight_decay,
         **_adam_lr(cfg),
+        **options,
     )
 
 
 @OPTIMIZERS.register("muon")
-def _muon(model, cfg: OptimizerConfig) -> Optimizer:
+def _muon(model, cfg: OptimizerConfig, **options) -> Optimizer:
     return MuonHybrid(
         role_param_groups(model),
         lr=cfg.lr,
         momentum=cfg.momentum or 0.95,
         weight_decay=cfg.weight_decay,
         **_adam_lr(cfg),
+        **options,
     )
 
 
 @OPTIMIZERS.register("swan")
-def _swan(model, cfg: OptimizerConfig) -> Optimizer:
-    return SWAN(role_param_groups(model), lr=cfg.lr, weight_decay=cfg.weight_decay, **_adam_lr(cfg))
+def _swan(model, cfg: OptimizerConfig, **options) -> Optimizer:
+    return SWAN(
+        role_param_groups(model),
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        **_adam_lr(cfg),
+        **options,
+    )
 
 
 @OPTIMIZERS.register("sinkgd")
-def _sinkgd(model, cfg: OptimizerConfig) -> Optimizer:
+def _sinkgd(model, cfg: OptimizerConfig, **options) -> Optimizer:
     return SinkGD(
-        role_param_groups(model), lr=cfg.lr, weight_decay=cfg.weight_decay, **_adam_lr(cfg)
+        role_param_groups(model),
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        **_adam_lr(cfg),
+        **options,
     )
 
 
 @OPTIMIZERS.register("frugal")
-def _frugal(model, cfg: OptimizerConfig) -> Optimizer:
+def _frugal(model, cfg: OptimizerConfig, **options) -> Optimizer:
     return FRUGAL(
-        role_param_groups(model), lr=cfg.lr, weight_decay=cfg.weight_decay, **_adam_lr(cfg)
+        role_param_groups(model),
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        **_adam_lr(cfg),
+        **options,
     )
 
 
 @OPTIMIZERS.register("conda")
-def _conda(model, cfg: OptimizerConfig) -> Optimizer:
+def _conda(model, cfg: OptimizerConfig, **options) -> Optimizer:
     return Conda(
-        role_param_groups(model), lr=cfg.lr, weight_decay=cfg.weight_decay, **_adam_lr(cfg)
+        role_param_groups(model),
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        **_adam_lr(cfg),
+        **options,
     )
 
 
 @OPTIMIZERS.register("auon")
-def _auon(model, cfg: OptimizerConfig) -> Optimizer:
+def _auon(model, cfg: OptimizerConfig, **options) -> Optimizer:
     return AuON(
         role_param_groups(model),
         lr=cfg.lr,
         momentum=cfg.momentum or 0.95,
         weight_decay=cfg.weight_decay,
         **_adam_lr(cfg),
+        **options,
     )
 
 
 @OPTIMIZERS.register("hybrid-auon")
-def _hybrid_auon(model, cfg: OptimizerConfig) -> Optimizer:
+def _hybrid_auon(model, cfg: OptimizerConfig, **options) -> Optimizer:
     return AuON(
         role_param_groups(model),
         lr=cfg.lr,
@@ -128,28 +160,30 @@ def _hybrid_auon(model, cfg: OptimizerConfig) -> Optimizer:
         hybrid=True,
         weight_decay=cfg.weight_decay,
         **_adam_lr(cfg),
+        **options,
     )
 
 
 @OPTIMIZERS.register("drop-muon")
-def _drop_muon(model, cfg: OptimizerConfig) -> Optimizer:
+def _drop_muon(model, cfg: OptimizerConfig, **options) -> Optimizer:
     return DropMuon(
         role_param_groups(model),
         lr=cfg.lr,
         momentum=cfg.momentum or 0.95,
         weight_decay=cfg.weight_decay,
         **_adam_lr(cfg),
+        **options,
     )
 
 
 # Maintained implementations from pytorch-optimizer (kozistr/pytorch_optimizer), registered rather
 # than rewritten. They know nothing of DP-AdamBC.
 def _library(cls_name: str):
-    def make(model, cfg: OptimizerConfig) -> Optimizer:
+    def make(model, cfg: OptimizerConfig, **options) -> Optimizer:
         import pytorch_optimizer
 
         cls = getattr(pytorch_optimizer, cls_name)
-        return cls(_trainable(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return cls(_trainable(model), lr=cfg.lr, weight_decay=cfg.weight_decay, **options)
 
     return make
 
@@ -186,5 +220,11 @@ DESCRIPTIONS = {
 
 
 def create_optimizer(cfg: OptimizerConfig, model: nn.Module) -> Optimizer:
-    """The optimizer named ``cfg.name`` over ``model``'s trainable parameters."""
-    return OPTIMIZERS.create(cfg.name, model, cfg)
+    """The optimizer named ``cfg.name`` over ``model``'s trainable parameters, with
+    ``cfg.options`` (a JSON object) as extra constructor arguments."""
+    factory = OPTIMIZERS.get(cfg.name)
+    options = json.loads(cfg.options)
+    try:
+        return factory(model, cfg, **options)
+    except TypeError as e:
+        raise ConfigError(f"optimizer.options do not fit {cfg.name}: {e}") from None

@@ -480,3 +480,15 @@ def test_dpfl_optimizers_lists_measured_state_sizes():
     }
     assert rows["adamw"]["state_bytes_per_param"]["hidden"] == 8
     assert all(r["description"] for r in rows.values())
+
+
+def test_optimizer_options_reach_the_constructor_and_bad_ones_are_clear_errors():
+    model = SmallCNN()
+    opt = create_optimizer(OptimizerConfig(name="frugal", options='{"density": 0.5}'), model)
+    assert opt.density == 0.5
+    with pytest.raises(ConfigError, match="do not fit frugal"):
+        create_optimizer(OptimizerConfig(name="frugal", options='{"bogus": 1}'), model)
+    with pytest.raises(ConfigError, match="must be a JSON object"):
+        OptimizerConfig(options="[1, 2]")
+    with pytest.raises(ConfigError, match="must be a JSON object"):
+        OptimizerConfig(options="{not json")
