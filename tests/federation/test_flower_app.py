@@ -33,9 +33,27 @@ def pyproject_app():
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
 
 
-def test_flower_run_config_is_the_embedded_default():
+def test_flower_run_config_is_the_embedded_default_with_every_key():
+    import dataclasses
+
     run_config = flatten(pyproject_app()["config"])
     assert Config.from_flat(run_config) == load_config(DEFAULT_CONFIG)
+    # `flwr run --run-config` can only override keys that exist there
+    every = {"name", "seed"} | {
+        f"{section}.{f.name.replace('_', '-')}"
+        for section in (
+            "privacy",
+            "optimizer",
+            "data",
+            "model",
+            "training",
+            "federation",
+            "lora",
+            "store",
+        )
+        for f in dataclasses.fields(getattr(Config(), section))
+    }
+    assert set(run_config) == every
 
 
 def test_components_are_the_apps_and_run_a_federation(store_path, monkeypatch):
