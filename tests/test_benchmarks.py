@@ -10,16 +10,21 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_accountants_benchmark_quick_prints_its_json_figures():
+def quick(script: str) -> dict:
+    """Runs ``benchmarks/<script> --quick``; returns the JSON object of its last line."""
     out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "accountants.py"), "--quick"],
+        [sys.executable, str(ROOT / "benchmarks" / script), "--quick"],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
         check=True,
     )
-    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_accountants_benchmark_quick_prints_its_json_figures():
+    figures = quick("accountants.py")
     for acc in ("rdp", "prv", "gdp"):
         for steps in ("1e3", "1e4", "1e5"):
             assert figures[f"{acc}_{steps}_s"] > 0
@@ -28,14 +33,7 @@ def test_accountants_benchmark_quick_prints_its_json_figures():
 
 @pytest.mark.slow
 def test_dp_overhead_benchmark_quick_prints_every_named_ratio():
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "dp_overhead.py"), "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
-    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    figures = quick("dp_overhead.py")
     for backend in ("hooks", "functorch", "ghost", "bk"):
         assert figures[f"cnn_{backend}_time_ratio"] > 0
         assert figures[f"cnn_{backend}_mem_ratio"] > 0
@@ -47,14 +45,7 @@ def test_dp_overhead_benchmark_quick_prints_every_named_ratio():
 
 @pytest.mark.slow
 def test_optimizers_benchmark_quick_prints_every_named_figure():
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "optimizers.py"), "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
-    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    figures = quick("optimizers.py")
     names = ["sgd_sai", "scale", "swan", "sinkgd", "frugal", "conda", "muon", "auon", "drop_muon"]
     for name in names:
         for key in ("state_bytes_per_param", "time_ratio_vs_adamw", "loss_ratio_vs_adamw"):
@@ -66,13 +57,6 @@ def test_optimizers_benchmark_quick_prints_every_named_figure():
 
 @pytest.mark.slow
 def test_simulation_benchmark_quick_reproduces_the_plain_loop():
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "simulation.py"), "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
-    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    figures = quick("simulation.py")
     assert figures["same_result_10"] and figures["same_result_100"]
     assert figures["overhead_ratio_100"] > 0 and figures["mem_ratio_1000_vs_10"] > 0

@@ -71,109 +71,30 @@ def _sgd_sai(model, cfg: OptimizerConfig, **options) -> Optimizer:
     )
 
 
-@OPTIMIZERS.register("scale")
-def _scale(model, cfg: OptimizerConfig, **options) -> Optimizer:
-    return SCALE(
-        role_param_groups(model),
-        lr=cfg.lr,
-        momentum=cfg.momentum or 0.9,
-        weight_decay=cfg.weight_decay,
-        **_adam_lr(cfg),
-        **options,
-    )
+def _hybrid(cls, momentum: float | None = None, **fixed):
+    """A role-grouped solver; ``momentum`` is the class default used when the config has 0."""
+
+    def make(model, cfg: OptimizerConfig, **options) -> Optimizer:
+        kwargs = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, **_adam_lr(cfg), **fixed)
+        if momentum is not None:
+            kwargs["momentum"] = cfg.momentum or momentum
+        return cls(role_param_groups(model), **(kwargs | options))
+
+    return make
 
 
-@OPTIMIZERS.register("muon")
-def _muon(model, cfg: OptimizerConfig, **options) -> Optimizer:
-    return MuonHybrid(
-        role_param_groups(model),
-        lr=cfg.lr,
-        momentum=cfg.momentum or 0.95,
-        weight_decay=cfg.weight_decay,
-        **_adam_lr(cfg),
-        **options,
-    )
-
-
-@OPTIMIZERS.register("swan")
-def _swan(model, cfg: OptimizerConfig, **options) -> Optimizer:
-    return SWAN(
-        role_param_groups(model),
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        **_adam_lr(cfg),
-        **options,
-    )
-
-
-@OPTIMIZERS.register("sinkgd")
-def _sinkgd(model, cfg: OptimizerConfig, **options) -> Optimizer:
-    return SinkGD(
-        role_param_groups(model),
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        **_adam_lr(cfg),
-        **options,
-    )
-
-
-@OPTIMIZERS.register("frugal")
-def _frugal(model, cfg: OptimizerConfig, **options) -> Optimizer:
-    return FRUGAL(
-        role_param_groups(model),
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        **_adam_lr(cfg),
-        **options,
-    )
-
-
-@OPTIMIZERS.register("conda")
-def _conda(model, cfg: OptimizerConfig, **options) -> Optimizer:
-    return Conda(
-        role_param_groups(model),
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        **_adam_lr(cfg),
-        **options,
-    )
-
-
-@OPTIMIZERS.register("auon")
-def _auon(model, cfg: OptimizerConfig, **options) -> Optimizer:
-    return AuON(
-        role_param_groups(model),
-        lr=cfg.lr,
-        momentum=cfg.momentum or 0.95,
-        weight_decay=cfg.weight_decay,
-        **_adam_lr(cfg),
-        **options,
-    )
-
-
-@OPTIMIZERS.register("hybrid-auon")
-def _hybrid_auon(model, cfg: OptimizerConfig, **options) -> Optimizer:
-    return AuON(
-        role_param_groups(model),
-        lr=cfg.lr,
-        momentum=cfg.momentum or 0.95,
-        hybrid=True,
-        weight_decay=cfg.weight_decay,
-        **_adam_lr(cfg),
-        **options,
-    )
-
-
-@OPTIMIZERS.register("drop-muon")
-def _drop_muon(model, cfg: OptimizerConfig, **options) -> Optimizer:
-    return DropMuon(
-        role_param_groups(model),
-        lr=cfg.lr,
-        momentum=cfg.momentum or 0.95,
-        weight_decay=cfg.weight_decay,
-        **_adam_lr(cfg),
-        **options,
-    )
+for _name, _factory in [
+    ("scale", _hybrid(SCALE, momentum=0.9)),
+    ("muon", _hybrid(MuonHybrid, momentum=0.95)),
+    ("swan", _hybrid(SWAN)),
+    ("sinkgd", _hybrid(SinkGD)),
+    ("frugal", _hybrid(FRUGAL)),
+    ("conda", _hybrid(Conda)),
+    ("auon", _hybrid(AuON, momentum=0.95)),
+    ("hybrid-auon", _hybrid(AuON, momentum=0.95, hybrid=True)),
+    ("drop-muon", _hybrid(DropMuon, momentum=0.95)),
+]:
+    OPTIMIZERS.register(_name, _factory)
 
 
 # Maintained implementations from pytorch-optimizer (kozistr/pytorch_optimizer), registered rather
