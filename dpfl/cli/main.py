@@ -90,7 +90,7 @@ def _root(
 
 
 # Commands register themselves on `app` when their modules are imported.
-from dpfl.cli import budget, optimizers, runs, simulate, train  # noqa: E402,F401
+from dpfl.cli import audit, budget, optimizers, runs, simulate, train  # noqa: E402,F401
 
 
 def main() -> None:

@@ -1,0 +1,23 @@
+"""Bayesian DP audits: membership-inference counts -> a posterior over epsilon."""
+
+from dpfl.audit.posterior import (
+    METHODS,
+    AttackCounts,
+    EpsilonInterval,
+    eps_from_fnr_fpr,
+    estimate,
+    posterior_cdf,
+    posterior_density,
+    posterior_quantile,
+)
+
+__all__ = [
+    "METHODS",
+    "AttackCounts",
+    "EpsilonInterval",
+    "eps_from_fnr_fpr",
+    "estimate",
+    "posterior_cdf",
+    "posterior_density",
+    "posterior_quantile",
+]

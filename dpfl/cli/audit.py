@@ -1,0 +1,85 @@
+"""``dpfl audit estimate``: epsilon from membership-inference counts (Bayesian and baselines)."""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from dpfl.cli.common import JsonOption, console
+from dpfl.cli.main import app
+from dpfl.jsonutil import dumps
+
+audit_app = typer.Typer(help="Empirical privacy audits.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
+
+
+def _fmt(x: float) -> str:
+    return "inf" if math.isinf(x) else f"{x:.4f}"
+
+
+@audit_app.command("estimate")
+def estimate_cmd(
+    tp: Annotated[int, typer.Option("--tp", help="Members guessed members.")],
+    tn: Annotated[int, typer.Option("--tn", help="Non-members guessed non-members.")],
+    fp: Annotated[int, typer.Option("--fp", help="Non-members guessed members.")],
+    fn: Annotated[int, typer.Option("--fn", help="Members guessed non-members.")],
+    delta: Annotated[float, typer.Option("--delta", "-d", help="delta, in (0, 1).")] = 1e-5,
+    alpha: Annotated[
+        float, typer.Option("--alpha", help="1 - credibility of the interval, in (0, 1).")
+    ] = 0.05,
+    method: Annotated[
+        str, typer.Option("--method", help="joint-beta (default), joint-dirichlet, beta, jeffreys.")
+    ] = "joint-beta",
+    as_json: JsonOption = False,
+) -> None:
+    """Point estimate, credible interval and lower bound of epsilon from attack counts."""
+    from dpfl.audit import AttackCounts, estimate
+
+    counts = AttackCounts(tp=tp, tn=tn, fp=fp, fn=fn)
+    main = estimate(counts, delta, alpha, method)
+    cp = estimate(counts, delta, alpha, "beta")
+    jeffreys = estimate(counts, delta, alpha, "jeffreys")
+    width, cp_width = main.hi - main.lo, cp.hi - cp.lo
+    ratio = (
+        width / cp_width
+        if math.isfinite(width) and math.isfinite(cp_width) and cp_width > 0
+        else None
+    )
+    if as_json:
+        console.print(
+            dumps(
+                {
+                    "method": method,
+                    "alpha": alpha,
+                    "delta": delta,
+                    "point": main.point,
+                    "bayes_lo": main.lo,
+                    "bayes_hi": main.hi,
+                    "bayes_one_sided_lo": main.one_sided_lo,
+                    "cp_lo": cp.lo,
+                    "cp_hi": cp.hi,
+                    "cp_one_sided_lo": cp.one_sided_lo,
+                    "jeffreys_lo": jeffreys.lo,
+                    "jeffreys_hi": jeffreys.hi,
+                    "width_ratio_vs_cp": ratio,
+                }
+            ),
+            markup=False,
+        )
+        return
+    table = Table(
+        title=f"epsilon from TP={tp} TN={tn} FP={fp} FN={fn} "
+        f"(delta={delta:g}, {100 * (1 - alpha):g}% intervals)"
+    )
+    for col in ("method", "lower", "upper", f"one-sided lower ({100 * (1 - alpha):g}%)"):
+        table.add_column(col, justify="right" if col != "method" else "left")
+    table.add_row(f"{method} (Bayesian)", _fmt(main.lo), _fmt(main.hi), _fmt(main.one_sided_lo))
+    table.add_row("Clopper-Pearson", _fmt(cp.lo), _fmt(cp.hi), _fmt(cp.one_sided_lo))
+    table.add_row("Jeffreys", _fmt(jeffreys.lo), _fmt(jeffreys.hi), _fmt(jeffreys.one_sided_lo))
+    console.print(table)
+    console.print(f"point estimate: {_fmt(main.point)}", markup=False)
+    if ratio is not None:
+        console.print(f"interval width vs Clopper-Pearson: {ratio:.2f}x", markup=False)
