@@ -60,3 +60,9 @@ def test_simulation_benchmark_quick_reproduces_the_plain_loop():
     figures = quick("simulation.py")
     assert figures["same_result_10"] and figures["same_result_100"]
     assert figures["overhead_ratio_100"] > 0 and figures["mem_ratio_1000_vs_10"] > 0
+
+
+@pytest.mark.slow
+def test_audit_benchmark_prints_time_and_width_ratio():
+    figures = quick("audit.py")
+    assert 0 < figures["interval_seconds"] and 0 < figures["width_ratio_vs_cp"] < 1
