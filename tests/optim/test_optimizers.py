@@ -17,6 +17,7 @@ from dpfl.optim.muon import MuonHybrid, newton_schulz5
 from dpfl.optim.roles import assign_roles, role_param_groups
 from dpfl.optim.scale import SCALE, colnorm
 from dpfl.optim.sgd_sai import SGDSaI
+from dpfl.optim.state_size import ProbeModel, state_bytes_per_param
 from dpfl.privacy import make_private
 
 # learning rates under DP (digits) and without DP (the synthetic task below)
@@ -46,18 +47,7 @@ PLAIN_LR = {
 }
 
 
-class TinyLM(nn.Module):
-    """Embedding -> LayerNorm -> hidden Linear -> head: every role."""
-
-    def __init__(self):
-        super().__init__()
-        self.emb = nn.Embedding(20, 16)
-        self.norm = nn.LayerNorm(16)
-        self.hidden = nn.Linear(16, 32)
-        self.head = nn.Linear(32, 4)
-
-    def forward(self, ids):
-        return self.head(torch.relu(self.hidden(self.norm(self.emb(ids)).mean(1))))
+TinyLM = ProbeModel  # embedding, LayerNorm, hidden Linear, head: every role
 
 
 def data(seed=0):
@@ -79,22 +69,6 @@ def test_reduces_the_loss(name):
         F.cross_entropy(model(x), y).backward()
         opt.step()
     assert float(F.cross_entropy(model(x), y).detach()) < 0.5 * first
-
-
-def state_bytes_per_param(opt, model, roles):
-    """Measured fp32 state bytes per parameter, by role, from optimizer.state."""
-    named = {id(p): n for n, p in model.named_parameters()}
-    total, count = {}, {}
-    for p in (p for g in opt.param_groups for p in g["params"]):
-        role = roles[named[id(p)]]
-        size = sum(
-            v.numel() * v.element_size()
-            for v in opt.state[p].values()
-            if torch.is_tensor(v) and v.numel() > 1
-        )
-        total[role] = total.get(role, 0) + size
-        count[role] = count.get(role, 0) + p.numel()
-    return {r: total[r] / count[r] for r in total}
 
 
 def step_once(opt, model):
@@ -124,7 +98,7 @@ def test_state_bytes_per_param_match_the_spec_table(name, expected):
     model = TinyLM()
     opt = create_optimizer(OptimizerConfig(name=name, lr=0.01, momentum=0.9), model)
     step_once(opt, model)
-    assert state_bytes_per_param(opt, model, assign_roles(model)) == expected
+    assert state_bytes_per_param(opt, model) == expected
 
 
 def test_roles_on_a_cnn_and_on_a_peft_lora_model():
