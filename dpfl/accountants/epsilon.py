@@ -134,6 +134,9 @@ def _rdp_epsilon(history: Sequence[Phase], delta: float) -> float:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
+            # at very small epsilon the best RDP order is the largest one: the bound is still an
+            # upper bound (only looser); warning on every accounted step helps nobody
+            warnings.filterwarnings("ignore", message="Optimal order is the (largest|smallest)")
             rdp = sum(_rdp_per_step(p.sample_rate, p.noise_multiplier) * p.steps for p in history)
             eps, _ = rdp_analysis.get_privacy_spent(
                 orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta

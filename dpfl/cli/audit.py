@@ -8,8 +8,16 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from dpfl.cli.common import JsonOption, console
+from dpfl.cli.common import (
+    DEFAULT_STORE,
+    ConfigOption,
+    JsonOption,
+    SetOption,
+    StoreOption,
+    console,
+)
 from dpfl.cli.main import app
+from dpfl.errors import ConfigError
 from dpfl.jsonutil import dumps
 
 audit_app = typer.Typer(help="Empirical privacy audits.", no_args_is_help=True)
@@ -83,3 +91,83 @@ def estimate_cmd(
     console.print(f"point estimate: {_fmt(main.point)}", markup=False)
     if ratio is not None:
         console.print(f"interval width vs Clopper-Pearson: {ratio:.2f}x", markup=False)
+
+
+@audit_app.command("run")
+def run_cmd(
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    models: Annotated[int, typer.Option("--models", help="Models to train (K).")] = 2,
+    canaries: Annotated[
+        int, typer.Option("--canaries", help="Challenge points (mislabelled) per model.")
+    ] = 100,
+    shadow_fpr: Annotated[
+        float, typer.Option("--shadow-fpr", help="Score attack: FPR targeted on shadow canaries.")
+    ] = 0.1,
+    alpha: Annotated[float, typer.Option("--alpha", help="1 - credibility, in (0, 1).")] = 0.05,
+    as_json: JsonOption = False,
+    store: StoreOption = DEFAULT_STORE,
+) -> None:
+    """Membership-inference audit of centralized (DP) training: canaries -> counts -> epsilon."""
+    from dpfl.audit.game import run_audit
+    from dpfl.config import load_config
+    from dpfl.store import RunStore
+
+    if not 0 < alpha < 1:
+        raise ConfigError(f"--alpha must be in (0, 1), got {alpha!r}")
+    cfg = load_config(config, overrides or [])
+    with RunStore(store) as s, s.run("audit", cfg.to_dict(), name=cfg.name, seed=cfg.seed) as run:
+        result = run_audit(
+            cfg, models=models, canaries=canaries, shadow_fpr=shadow_fpr, alpha=alpha
+        )
+        summary = {
+            "run": run.run_id,
+            "theoretical_epsilon": result.theoretical_epsilon,
+            "models": models,
+            "canaries_per_model": canaries,
+            "attacks": {},
+        }
+        for attack, iv in result.intervals.items():
+            c = result.counts[attack]
+            summary["attacks"][attack] = {
+                "tp": c.tp,
+                "tn": c.tn,
+                "fp": c.fp,
+                "fn": c.fn,
+                "point": iv.point,
+                "bayes_lo": iv.lo,
+                "bayes_hi": iv.hi,
+                "bayes_one_sided_lo": iv.one_sided_lo,
+            }
+            run.log_metrics(
+                {
+                    f"{attack}_eps_lower_bound": iv.one_sided_lo,
+                    f"{attack}_eps_lo": iv.lo,
+                    f"{attack}_eps_hi": iv.hi,
+                }
+            )
+        run.finish("completed", summary=summary)
+    if as_json:
+        console.print(dumps(summary), markup=False)
+        return
+    table = Table(title=f"audit: {models} model(s) x {canaries} canaries (run {summary['run']})")
+    for col in (
+        "attack",
+        "TP/TN/FP/FN",
+        "point",
+        f"{100 * (1 - alpha):g}% interval",
+        "lower bound",
+    ):
+        table.add_column(col)
+    for attack, row in summary["attacks"].items():
+        table.add_row(
+            attack,
+            f"{row['tp']}/{row['tn']}/{row['fp']}/{row['fn']}",
+            _fmt(row["point"]),
+            f"[{_fmt(row['bayes_lo'])}, {_fmt(row['bayes_hi'])}]",
+            _fmt(row["bayes_one_sided_lo"]),
+        )
+    console.print(table)
+    console.print(
+        f"theoretical epsilon (accountant): {_fmt(result.theoretical_epsilon)}", markup=False
+    )
