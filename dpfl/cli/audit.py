@@ -12,6 +12,7 @@ from dpfl.cli.common import (
     DEFAULT_STORE,
     ConfigOption,
     JsonOption,
+    PlotOption,
     SetOption,
     StoreOption,
     console,
@@ -106,6 +107,7 @@ def run_cmd(
     ] = 0.1,
     alpha: Annotated[float, typer.Option("--alpha", help="1 - credibility, in (0, 1).")] = 0.05,
     as_json: JsonOption = False,
+    plot: PlotOption = None,
     store: StoreOption = DEFAULT_STORE,
 ) -> None:
     """Membership-inference audit of centralized (DP) training: canaries -> counts -> epsilon."""
@@ -147,6 +149,19 @@ def run_cmd(
                 }
             )
         run.finish("completed", summary=summary)
+        if plot is not None:
+            from dpfl.audit.plot import plot_posterior
+
+            score = result.intervals["score"]
+            plot_posterior(
+                result.counts["score"],
+                cfg.privacy.delta,
+                plot,
+                lower_bound=score.one_sided_lo,
+                theoretical=result.theoretical_epsilon,
+                title=f"score attack, run {run.run_id}",
+            )
+            run.add_artifact("plot", plot.name, plot.read_bytes(), media_type="image/png")
     if as_json:
         console.print(dumps(summary), markup=False)
         return

@@ -36,6 +36,7 @@ def test_dp_model_at_small_epsilon_stays_below_its_theoretical_epsilon():
 
 def test_audit_run_cli_records_the_run(store_path):
     runner = CliRunner()
+    png = store_path.parent / "posterior.png"
     r = runner.invoke(
         app,
         [
@@ -50,6 +51,8 @@ def test_audit_run_cli_records_the_run(store_path):
             "training.epochs=1",
             "--store",
             str(store_path),
+            "--plot",
+            str(png),
         ],
     )
     assert r.exit_code == 0, r.output
@@ -58,6 +61,7 @@ def test_audit_run_cli_records_the_run(store_path):
     assert out["theoretical_epsilon"] > 0
     row = out["attacks"]["score"]
     assert row["tp"] + row["tn"] + row["fp"] + row["fn"] == 20
+    assert png.read_bytes()[:4] == b"\x89PNG"
     for args, fragment in [
         (["--models", "0"], "at least 1 model"),
         (["--alpha", "2"], "--alpha"),

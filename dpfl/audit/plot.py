@@ -1,0 +1,57 @@
+"""PNG of epsilon's posterior with the lower bound and the accountant's epsilon marked."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from dpfl.audit.posterior import AttackCounts, posterior_density, posterior_quantile
+from dpfl.errors import ConfigError
+
+__all__ = ["plot_posterior"]
+
+
+def plot_posterior(
+    counts: AttackCounts,
+    delta: float,
+    path: str | Path,
+    *,
+    lower_bound: float | None = None,
+    theoretical: float | None = None,
+    title: str = "",
+) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    top = posterior_quantile(counts, 0.999, delta)
+    top = 10.0 if not math.isfinite(top) else max(top * 1.2, 0.5)
+    if theoretical is not None and math.isfinite(theoretical):
+        top = max(top, theoretical * 1.1)
+    grid = np.linspace(0.0, top, 300)
+    dens = posterior_density(counts, grid, delta)
+    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    ax.plot(grid, dens, label="posterior density of epsilon")
+    if lower_bound is not None and math.isfinite(lower_bound):
+        ax.axvline(lower_bound, color="tab:orange", ls="--", label=f"lower bound {lower_bound:.3f}")
+    if theoretical is not None and math.isfinite(theoretical):
+        ax.axvline(theoretical, color="tab:red", label=f"accountant epsilon {theoretical:.3f}")
+    ax.set_xlabel(f"epsilon (delta={delta:g})")
+    ax.set_ylabel("density")
+    ax.set_title(
+        title or f"TP={counts.tp} TN={counts.tn} FP={counts.fp} FN={counts.fn}", fontsize=9
+    )
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(path)
+    try:
+        fig.savefig(out, dpi=110)
+    except OSError as e:
+        raise ConfigError(f"cannot write {out}: {e.strerror or e}") from None
+    finally:
+        plt.close(fig)
+    return out
