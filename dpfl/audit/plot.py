@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from dpfl.audit.posterior import AttackCounts, posterior_density, posterior_quantile
-from dpfl.errors import ConfigError
+from dpfl.plotting import pyplot, save_figure
 
 __all__ = ["plot_posterior"]
 
@@ -22,10 +22,7 @@ def plot_posterior(
     theoretical: float | None = None,
     title: str = "",
 ) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     top = posterior_quantile(counts, 0.999, delta)
     top = 10.0 if not math.isfinite(top) else max(top * 1.2, 0.5)
@@ -46,12 +43,4 @@ def plot_posterior(
     )
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out = Path(path)
-    try:
-        fig.savefig(out, dpi=110)
-    except OSError as e:
-        raise ConfigError(f"cannot write {out}: {e.strerror or e}") from None
-    finally:
-        plt.close(fig)
-    return out
+    return save_figure(fig, path)

@@ -117,6 +117,13 @@ class MatrixOptimizer(torch.optim.Optimizer):
     def matrix_step(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
         raise NotImplementedError
 
+    @staticmethod
+    def apply(p: torch.Tensor, update: torch.Tensor, group: dict, scale: float = 1.0) -> None:
+        """Decoupled weight decay, then ``p -= lr * scale * update`` (update reshaped to p)."""
+        if group.get("weight_decay"):
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.add_(update.reshape(p.shape), alpha=-group["lr"] * scale)
+
     def before_step(self) -> None:
         """Hook run once per step before any parameter is updated."""
 

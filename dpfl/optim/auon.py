@@ -71,7 +71,5 @@ class AuON(MatrixOptimizer):
         if group["hybrid"]:
             u = newton_schulz5(u, group["ns_steps"])
         o, _ = auon_direction(u, group["gamma"])
-        if group["weight_decay"]:
-            p.mul_(1 - group["lr"] * group["weight_decay"])
         scale = math.sqrt(max(1.0, u.shape[0] / u.shape[1]))
-        p.add_(o.reshape(p.shape), alpha=-group["lr"] * scale)
+        self.apply(p, o, group, scale)

@@ -94,6 +94,4 @@ class MuonHybrid(MatrixOptimizer):
         u2 = u.reshape(u.shape[0], -1)
         o = newton_schulz5(u2, group["ns_steps"], self.ns_dtype)
         o = o * math.sqrt(max(1.0, u2.shape[0] / u2.shape[1]))
-        if group["weight_decay"]:
-            p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.add_(o.reshape(p.shape), alpha=-group["lr"])
+        self.apply(p, o, group)

@@ -70,6 +70,4 @@ class SinkGD(MatrixOptimizer):
         )
 
     def matrix_step(self, p, grad, state, group) -> None:
-        if group["weight_decay"]:
-            p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.add_(sr_sinkhorn(grad, group["iters"]), alpha=-group["lr"])
+        self.apply(p, sr_sinkhorn(grad, group["iters"]), group)

@@ -78,6 +78,4 @@ class SWAN(MatrixOptimizer):
         )
 
     def matrix_step(self, p, grad, state, group) -> None:
-        if group["weight_decay"]:
-            p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.add_(swan_direction(grad, group["ns_steps"], group["ns_beta"]), alpha=-group["lr"])
+        self.apply(p, swan_direction(grad, group["ns_steps"], group["ns_beta"]), group)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -113,7 +113,6 @@ class PrivateTraining:
     participant: str
     backend: Any
     sampler_generator: torch.Generator | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def backward(self, losses: torch.Tensor) -> None:
         """Backpropagates per-sample losses ``[b]`` of one physical batch."""
@@ -338,5 +337,4 @@ def make_private(
         participant=participant,
         backend=backend,
         sampler_generator=sampler_gen,
-        extra={"poisson_sampling": poisson_sampling},
     )

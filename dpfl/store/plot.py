@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from dpfl.errors import ConfigError
+from dpfl.plotting import pyplot, save_figure
 
 __all__ = ["plot_run"]
 
@@ -34,10 +35,7 @@ def plot_run(data: dict[str, Any], path: str | Path, metrics: list[str] | None =
     Raises:
         ConfigError: the run has nothing to plot, or a requested metric does not exist.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     known = sorted({m["name"] for m in data["metrics"]})
     if metrics:
@@ -85,12 +83,4 @@ def plot_run(data: dict[str, Any], path: str | Path, metrics: list[str] | None =
         ax.grid(alpha=0.3)
     run = data["run"]
     fig.suptitle(f"run {run['id']} ({run['kind']}, {run['status']})", fontsize=10)
-    fig.tight_layout()
-    out = Path(path)
-    try:
-        fig.savefig(out, dpi=110)
-    except OSError as e:
-        raise ConfigError(f"cannot write {out}: {e.strerror or e}") from None
-    finally:
-        plt.close(fig)
-    return out
+    return save_figure(fig, path)
