@@ -98,6 +98,19 @@ class PrivacyLedger:
         self._events: list[PrivacyEvent] = []
         self._windows: dict[str, Window] = {}
 
+    def enforce_budget(self, target_epsilon: float) -> None:
+        """Enforces ``target_epsilon`` from now on, keeping the stricter budget if one is set
+        (a caller's budget is never dropped because the ledger it continues had none)."""
+        check_epsilon("target epsilon", target_epsilon)
+        if self.accountant not in BOUNDING_ACCOUNTANTS:
+            raise ConfigError(
+                f"a privacy budget needs an accountant that bounds epsilon "
+                f"({', '.join(BOUNDING_ACCOUNTANTS)}); {self.accountant} can underestimate it"
+            )
+        if self.target_epsilon is None or target_epsilon < self.target_epsilon:
+            self.target_epsilon = float(target_epsilon)
+            self._windows.clear()  # verified for the old budget only
+
     # -- recording --------------------------------------------------------------------------------
     def epsilon_if(self, participant: str, phase: Phase) -> float:
         """Epsilon of ``participant`` if ``phase`` were released next (dry run)."""

@@ -33,7 +33,8 @@ from torch.utils.data import DataLoader
 
 from dpfl.accountants import PrivacyLedger, calibrate_noise, steps_for_epochs
 from dpfl.accountants.ledger import Sink
-from dpfl.errors import ConfigError
+from dpfl.errors import ConfigError, IncompatibleModelError
+from dpfl.privacy.boundaries import BatchGuard, backend_refusals, validate_model
 from dpfl.privacy.clipping import (
     AdaptiveClip,
     AutomaticClip,
@@ -113,6 +114,7 @@ class PrivateTraining:
     participant: str
     backend: Any
     sampler_generator: torch.Generator | None = None
+    guard: BatchGuard | None = None
 
     def backward(self, losses: torch.Tensor) -> None:
         """Backpropagates per-sample losses ``[b]`` of one physical batch."""
@@ -185,8 +187,10 @@ class PrivateTraining:
         self.ledger.load_state_dict(state["ledger"])
 
     def detach(self) -> None:
-        """Removes the per-sample hooks from the model."""
+        """Removes the per-sample hooks and the batch guard from the model."""
         self.backend.detach()
+        if self.guard is not None:
+            self.guard.detach()
 
 
 def make_private(
@@ -281,6 +285,9 @@ def make_private(
         ledger = PrivacyLedger(accountant, delta, target_epsilon=target_epsilon, sink=ledger_sink)
     elif ledger.delta != delta or ledger.accountant != accountant:
         raise ConfigError("the given ledger uses another accountant or delta")
+    elif target_epsilon is not None:
+        # a given budget is always enforced: the ledger keeps the stricter of its own and this
+        ledger.enforce_budget(target_epsilon)
 
     noise_gen = sampler_gen = None
     if seed is not None:
@@ -296,7 +303,23 @@ def make_private(
     else:
         loader = data_loader
 
-    backend = make_backend(grad_sample_mode, model, loss_reduction)
+    if grad_sample_mode not in BACKENDS:
+        raise ConfigError(
+            f"unknown grad-sample mode {grad_sample_mode!r}; valid: {', '.join(BACKENDS)}"
+        )
+    # the guarantee is enforced, not assumed (boundaries.py): refuse what breaks it, then guard
+    # every forward; the guard's hooks go first, so they see the model as the user left it
+    pinned = validate_model(model)
+    backend_refusals(model, grad_sample_mode)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise IncompatibleModelError("the model has no trainable parameter")
+    guard = BatchGuard(model, trainable, pinned, grad_sample_mode)
+    try:
+        backend = make_backend(grad_sample_mode, model, loss_reduction)
+    except BaseException:
+        guard.detach()
+        raise
     policy = make_clip_policy(clipping, clip_norm, len(backend.params), **(clip_options or {}))
     feedback = None
     if clipping == "dicesgd":
@@ -322,6 +345,7 @@ def make_private(
         secure_mode=secure_mode,
         error_feedback=feedback,
         note=None if poisson_sampling else NON_POISSON_NOTE,
+        guard=guard,
     )
     return PrivateTraining(
         model=backend.model,
@@ -337,4 +361,5 @@ def make_private(
         participant=participant,
         backend=backend,
         sampler_generator=sampler_gen,
+        guard=guard,
     )

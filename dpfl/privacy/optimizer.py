@@ -27,7 +27,7 @@ import torch
 from torch.optim import Optimizer
 
 from dpfl.accountants import PrivacyLedger
-from dpfl.errors import ConfigError
+from dpfl.errors import ConfigError, IncompatibleModelError
 from dpfl.privacy.clipping import ClipPolicy
 from dpfl.privacy.dicesgd import LEDGER_NOTE, ErrorFeedback
 from dpfl.privacy.noise import gaussian_like
@@ -56,6 +56,8 @@ class DPOptimizer(Optimizer):
         secure_mode: draw noise from the OS CSPRNG instead (see :mod:`dpfl.privacy.noise`).
         error_feedback: DiceSGD stage, or None.
         note: a note recorded with every ledger event (e.g. an accounting caveat).
+        guard: the model's :class:`~dpfl.privacy.boundaries.BatchGuard`, whose record counts
+            every backward's per-sample rows are checked against.
     """
 
     def __init__(
@@ -73,6 +75,7 @@ class DPOptimizer(Optimizer):
         secure_mode: bool = False,
         error_feedback: ErrorFeedback | None = None,
         note: str | None = None,
+        guard: Any = None,
     ) -> None:
         check_noise_multiplier("noise multiplier", noise_multiplier)
         check_sample_rate("sample rate", sample_rate)
@@ -97,6 +100,7 @@ class DPOptimizer(Optimizer):
         self.error_feedback = error_feedback
         notes = [n for n in (note, LEDGER_NOTE if error_feedback is not None else None) if n]
         self.note = "; ".join(notes) or None
+        self.guard = guard
         self.params = list(backend.params)
         managed = {id(p) for g in optimizer.param_groups for p in g["params"]}
         if {id(p) for p in self.params} - managed:
@@ -151,6 +155,12 @@ class DPOptimizer(Optimizer):
         """Clips the last backward's per-sample gradients and adds them to the step's sums
         (call between physical batches of one logical batch; step() calls it for the last)."""
         norms = self.backend.clip_and_accumulate(self.policy.factors, self._clipped, self._raw)
+        if self.guard is not None:
+            try:
+                self.guard.check_rows(int(norms.shape[0]))
+            except BaseException:
+                self._reset_sums()
+                raise
         self.policy.observe(norms, self.expected_batch_size, self.generator)
         total = norms.pow(2).sum(1).sqrt()
         self._samples += int(total.numel())
@@ -166,6 +176,7 @@ class DPOptimizer(Optimizer):
                 loss = closure()
         if self.backend.has_pending():
             self.accumulate()
+        self._refuse_uncovered_gradients()
         sensitivity = self.policy.sensitivity()
         grad_multiplier = self.policy.gradient_multiplier(
             self.noise_multiplier, self.expected_batch_size
@@ -203,6 +214,28 @@ class DPOptimizer(Optimizer):
         self._reset_sums()
         self.steps += 1
         return loss
+
+    def _refuse_uncovered_gradients(self) -> None:
+        """Every parameter the inner optimizer steps must have gone through the private step: a
+        gradient on any other one (a parameter unfrozen after make_private, a second model's
+        parameters in the same optimizer) is raw, un-noised data. Nothing is released then."""
+        covered = {id(p) for p in self.params}
+        raw = [
+            p
+            for group in self.original_optimizer.param_groups
+            for p in group["params"]
+            if id(p) not in covered and p.grad is not None
+        ]
+        if raw:
+            for p in raw:
+                p.grad = None
+            self._reset_sums()
+            raise IncompatibleModelError(
+                f"{len(raw)} parameter tensor(s) held by the optimizer got a gradient but are not "
+                "covered by the private step (unfrozen after make_private?); their raw "
+                "gradients were discarded and nothing was released. Call make_private again "
+                "after changing which parameters train"
+            )
 
     def _reset_sums(self) -> None:
         for buf in self._clipped:

@@ -108,14 +108,7 @@ class GhostBackend:
     scalar_factors_only = True
 
     def __init__(self, model: nn.Module, loss_reduction: str = "mean") -> None:
-        owners: dict[int, int] = {}
-        for m in model.modules():
-            for p in m.parameters(recurse=False):
-                owners[id(p)] = owners.get(id(p), 0) + 1
-        if any(n > 1 for n in owners.values()):
-            raise IncompatibleModelError(
-                "Opacus' ghost clipping does not support tied parameters; use grad-sample-mode bk"
-            )
+        # tied trainable parameters are refused by dpfl.privacy.boundaries.backend_refusals
         self.model = _wrap(
             lambda: GradSampleModuleFastGradientClipping(
                 model,
