@@ -79,18 +79,14 @@ def minilm_case(batch: int = 32, seq: int = 64, seed: int = 0):
     )
 
     class Classifier(torch.nn.Module):
-        # explicit, contiguous (B, T) position and token-type ids: the broadcast (1, T) ids that
-        # BERT builds break per-sample gradients (opacus#841; notes/opacus.md)
+        # called the usual way: dpfl expands BERT's broadcast (1, T) position ids itself
+        # (opacus#841), so no explicit position or token-type ids are needed
         def __init__(self, inner):
             super().__init__()
             self.inner = inner
 
         def forward(self, input_ids):
-            b, t = input_ids.shape
-            pos = torch.arange(t).repeat(b, 1)
-            return self.inner(
-                input_ids=input_ids, position_ids=pos, token_type_ids=torch.zeros_like(input_ids)
-            ).logits
+            return self.inner(input_ids=input_ids).logits
 
     def model():
         torch.manual_seed(seed)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from opacus.layers import DPGRU, DPLSTM, DPMultiheadAttention
+from opacus.layers import DPGRU, DPLSTM, DPRNN, DPMultiheadAttention
 from torch import nn
 
 BATCH = 4
@@ -71,18 +71,35 @@ class PaddedConvs(nn.Module):
 
 
 class RecurrentNet(nn.Module):
-    """Opacus' DPLSTM and DPGRU (batch first), cells called once per time step."""
+    """Opacus' DPLSTM, DPGRU and DPRNN (batch first), cells called once per time step."""
 
     def __init__(self) -> None:
         super().__init__()
         self.lstm = DPLSTM(3, 5, batch_first=True)
         self.gru = DPGRU(5, 4, batch_first=True)
+        self.rnn = DPRNN(4, 4, batch_first=True)
         self.head = nn.Linear(4, 3)
 
     def forward(self, x):
         h, _ = self.lstm(x)
         h, _ = self.gru(h)
+        h, _ = self.rnn(h)
         return self.head(h[:, -1])
+
+
+class StridedIds(nn.Module):
+    """Embedding ids that are a non-contiguous view, and a GroupNorm whose bias is frozen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.norm = nn.GroupNorm(2, 8)
+        self.norm.bias.requires_grad_(False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids):
+        h = self.emb(ids[:, ::2]).transpose(1, 2)  # [B, 8, T/2]
+        return self.head(self.norm(h).mean(2))
 
 
 class AttentionNet(nn.Module):
@@ -253,6 +270,7 @@ def accepted_cases() -> dict[str, tuple]:
             ("bk", "hooks", "functorch"),
         ),
         "embedding-bag-norms": (BagNet, bag, labels, ce, ("bk",)),
+        "strided-ids-frozen-norm-bias": (StridedIds, ids, labels, ce, all4),
         "custom-raw-parameter": (CustomNet, vec, labels, ce, ("bk", "hooks", "functorch")),
         "linear-4d": (Linear4D, x4, labels, ce, ("bk", "hooks", "functorch")),
         "bert-full": (tiny_bert, bert_in, bert_y, cls_loss, all4),
