@@ -327,6 +327,10 @@ class FederationConfig(_Section):
 
     Clients are sampled each round independently with probability ``fraction`` (Poisson, seeded),
     or, for non-DP and sample-level DP runs only, exactly ``clients-per-round`` of them.
+
+    Under DP a client's reply carries only its update and its privacy report by default;
+    ``client-diagnostics = true`` adds metrics computed on its records, which the guarantee does
+    not cover (see :mod:`dpfl.clients.federated`).
     """
 
     SECTION: ClassVar[str] = "federation"
@@ -351,6 +355,12 @@ class FederationConfig(_Section):
     trim_fraction: float = _opt(0.1, doc="trimmed-mean: fraction cut at each end, in [0, 0.5)")
     backend: str = _opt("inprocess", choices=("inprocess", "ray"), doc="simulation engine")
     reply_timeout: float | None = _opt(None, check=positive, doc="seconds to wait for replies")
+    client_diagnostics: bool = _opt(
+        False,
+        doc="under DP, clients also send train-loss, local-test-accuracy, num-examples, "
+        "local-steps, update-norm: computed on their records, un-noised, NOT covered by the "
+        "privacy guarantee (stored as uncovered/...); without DP they are always sent",
+    )
 
     def _validate(self) -> None:
         if not (0 < self.fraction <= 1):

@@ -4,8 +4,19 @@ Server -> client (train): ``arrays`` (ArrayRecord, the global model) and ``confi
 (ConfigRecord: the flat run config plus ``dpfl.round``, ``dpfl.clip`` for dp-fedavg and
 ``dpfl.history``, the client's recorded privacy history as JSON, for restored clients).
 Client -> server: ``arrays`` (the new model, or the clipped update; absent when the client did
-not train), ``metrics`` (MetricRecord, with ``num-examples``) and ``dpfl`` (ConfigRecord:
-``status``, ``participant``, ``phases``: the privacy spent this round as JSON).
+not train), ``metrics`` (MetricRecord) and ``dpfl`` (ConfigRecord: ``status``, ``participant``,
+``phases``: the privacy spent this round as JSON).
+
+What ``metrics`` holds depends on the privacy mode (what leaves a client, README):
+
+* always: ``partition-id`` (the node's identity, as ``participant``);
+* sample-level DP, the privacy report: ``epsilon``, ``noise-multiplier``, ``budget-exhausted``
+  (functions of the config and the client's privacy history);
+* user-level DP (dp-fedavg), for the trusted server only: ``unclipped`` (1 when the update was
+  not clipped: the bit adaptive clipping counts; the server releases only a noisy count);
+* :data:`DIAGNOSTIC_METRICS`, computed on the client's records and NOT covered by any guarantee:
+  only with ``federation.client-diagnostics = true``, or without DP (then always, and FedAvg
+  weights by ``num-examples``).
 """
 
 from __future__ import annotations
@@ -15,10 +26,31 @@ from typing import Any
 
 from dpfl.accountants import Phase
 
-__all__ = ["CONFIG_KEYS", "decode_phases", "encode_phases", "split_config"]
+__all__ = [
+    "CONFIG_KEYS",
+    "DIAGNOSTIC_METRICS",
+    "PRIVACY_REPORT_METRICS",
+    "PROTOCOL_METRICS",
+    "decode_phases",
+    "encode_phases",
+    "split_config",
+]
 
 ROUND, CLIP, HISTORY = "dpfl.round", "dpfl.clip", "dpfl.history"
 CONFIG_KEYS = (ROUND, CLIP, HISTORY)
+
+#: reply metrics that are functions of the public config and the privacy history
+PRIVACY_REPORT_METRICS = ("partition-id", "epsilon", "noise-multiplier", "budget-exhausted")
+#: reply metrics the (trusted) server needs to run the protocol; never stored
+PROTOCOL_METRICS = ("unclipped",)
+#: reply metrics computed on the client's records, un-noised: opt-in under DP, never covered
+DIAGNOSTIC_METRICS = (
+    "train-loss",
+    "local-test-accuracy",
+    "num-examples",
+    "local-steps",
+    "update-norm",
+)
 
 
 def encode_phases(phases: list[Phase]) -> str:

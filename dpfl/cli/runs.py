@@ -14,7 +14,7 @@ from dpfl.cli.common import DEFAULT_STORE, StoreOption, console, fmt_eps, fmt_fl
 from dpfl.cli.main import app
 from dpfl.errors import ConfigError, StoreError
 from dpfl.jsonutil import dumps
-from dpfl.store import RUN_STATUSES, RunStore, export_run, run_to_dict
+from dpfl.store import RUN_STATUSES, UNCOVERED_PREFIX, RunStore, export_run, run_to_dict
 from dpfl.store.export import EXPORT_TABLES
 
 runs_app = typer.Typer(help="Inspect and export recorded runs.", no_args_is_help=True)
@@ -100,17 +100,35 @@ def show_run(
         done = sum(1 for x in data["rounds"] if x["status"] == "completed")
         console.print(f"rounds: {len(data['rounds'])} recorded, {done} completed")
     last: dict[tuple[str, str], dict] = {}
+    uncovered: dict[tuple[str, str], dict] = {}
     for m in data["metrics"]:
-        last[(m["scope"], m["name"])] = m
-    if last:
-        table = Table(title="metrics (last value)")
+        into = uncovered if m["name"].startswith(UNCOVERED_PREFIX) else last
+        into[(m["scope"], m["name"])] = m
+    for title, rows in (
+        ("metrics (last value)", last),
+        (
+            "client diagnostics (last value): NOT covered by the privacy guarantee "
+            "(computed on clients' records, sent un-noised)",
+            uncovered,
+        ),
+    ):
+        if not rows:
+            continue
+        table = Table(title=title)
         for col in ("scope", "name", "value", "round", "step"):
             table.add_column(col)
-        for (scope, name), m in sorted(last.items()):
+        for (scope, name), m in sorted(rows.items()):
             table.add_row(
                 scope, name, fmt_float(m["value"], 6), fmt_float(m["round"]), fmt_float(m["step"])
             )
         console.print(table)
+    if uncovered:
+        console.print(
+            f"WARNING: {len({n for _, n in uncovered})} metric name(s) starting with "
+            f"{UNCOVERED_PREFIX!r} are not covered by the privacy guarantee "
+            "(federation.client-diagnostics = true)",
+            markup=False,
+        )
     if data["epsilon"]:
         events = data["privacy_events"]
         table = Table(title=f"privacy spent (delta={events[-1]['delta']:g})")

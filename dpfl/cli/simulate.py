@@ -137,5 +137,7 @@ def simulate(
         table.add_row(
             f"epsilon {who} ({cfg.privacy.accountant}, delta={cfg.privacy.delta:g})", value
         )
+    if cfg.privacy.enabled and f.client_diagnostics:
+        table.add_row("client diagnostics", "stored as uncovered/...: NOT covered by DP")
     table.add_row("time", f"{result.seconds:.1f}s")
     console.print(table)

@@ -59,7 +59,8 @@ def train(msg: Message, context: Context) -> Message:
         context.state.config_records[_OPTIM_KEY] = ConfigRecord({"blob": result.optimizer_state})
     content = RecordDict(
         {
-            "metrics": MetricRecord(result.metrics | {"num-examples": result.num_examples}),
+            # exactly what may leave this client (dpfl.clients.federated, README)
+            "metrics": MetricRecord(result.metrics),
             "dpfl": ConfigRecord(
                 {
                     "status": result.status,

@@ -12,6 +12,18 @@ Three modes, from the config:
 * user-level DP (``dp-fedavg``): local non-private training, then the update
   ``theta_local - theta_global`` is clipped to the server's current clip norm; the reply carries
   the clipped update and whether it was left unclipped (for adaptive clipping).
+
+What leaves a client (DESIGN 2b): under DP, by default, only the update and the privacy report
+(``status``, ``participant``, ``phases`` and the metrics
+:data:`~dpfl.federation_messages.PRIVACY_REPORT_METRICS`, plus ``unclipped`` for the trusted
+dp-fedavg server). Nothing else computed from the client's records: no training loss, no local
+accuracy, no exact number of examples (so FedAvg under DP averages unweighted; our choice). With
+``federation.client-diagnostics = true`` the reply adds
+:data:`~dpfl.federation_messages.DIAGNOSTIC_METRICS`, which the guarantee does not cover (the
+server stores them as ``uncovered/...``). Without DP they are always sent: nothing is protected
+there, and FedAvg weights by ``num-examples``.
+
+The local evaluation runs only when its result leaves the client.
 """
 
 from __future__ import annotations
@@ -19,6 +31,7 @@ from __future__ import annotations
 import functools
 import io
 import math
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,19 +58,30 @@ from dpfl.optim import create_optimizer
 from dpfl.privacy import make_private
 from dpfl.server.aggregation import flat_clip, subtract
 
-__all__ = ["ClientResult", "client_datasets", "participant_name", "run_client_round"]
+__all__ = [
+    "ClientResult",
+    "client_datasets",
+    "participant_name",
+    "run_client_round",
+    "sends_diagnostics",
+]
 
 
 def participant_name(partition_id: int) -> str:
     return f"client-{partition_id}"
 
 
+def sends_diagnostics(cfg: Config) -> bool:
+    """Whether replies carry the client diagnostics: always without DP, opt-in under DP."""
+    return not cfg.privacy.enabled or cfg.federation.client_diagnostics
+
+
 @dataclass
 class ClientResult:
     status: str  # "trained" | "budget-exhausted"
     arrays: dict[str, torch.Tensor] | None
-    num_examples: int
-    metrics: dict[str, float] = field(default_factory=dict)
+    num_examples: int  # local; sent (as metric num-examples) only with the diagnostics
+    metrics: dict[str, float] = field(default_factory=dict)  # exactly what the reply carries
     phases: list[Phase] = field(default_factory=list)
     optimizer_state: bytes | None = None  # with optimizer.local-state = "persist"
 
@@ -118,6 +142,11 @@ def _participation(cfg: Config) -> float:
 
 
 def _seed(cfg: Config, server_round: int, partition_id: int) -> int:
+    """The client's seed this round: from the run seed (reproducible; the server, which sends
+    the config, could regenerate it), or, with ``privacy.secure-mode``, from the OS CSPRNG, so
+    that nobody else can reproduce the client's batch sampling or noise."""
+    if cfg.privacy.enabled and cfg.privacy.secure_mode:
+        return secrets.randbelow(2**31 - 1)
     return (cfg.seed * 1_000_003 + server_round * 7_919 + partition_id) % (2**31 - 1)
 
 
@@ -163,43 +192,60 @@ def run_client_round(
     optimizer_state: bytes | None = None,
 ) -> ClientResult:
     """Trains one round; ``state`` (the client's persistent state) is updated in place."""
-    torch.manual_seed(_seed(cfg, server_round, partition_id))
+    seed = _seed(cfg, server_round, partition_id)
+    torch.manual_seed(seed)
     train, test = client_datasets(cfg, partition_id)
     model = _model(cfg)
     model.load_state_dict(global_state)
     metrics: dict[str, float] = {"partition-id": float(partition_id)}
+    diagnostics: dict[str, float] = {}  # computed on this client's records: leave only if opted in
     opt = _optimizer(cfg, model, global_state, optimizer_state)
     if cfg.privacy.enabled and cfg.privacy.level == "sample":
         result = _sample_level(
-            cfg, partition_id, model, opt, train, server_round, state, server_history or [], metrics
+            cfg,
+            partition_id,
+            model,
+            opt,
+            train,
+            server_round,
+            state,
+            server_history or [],
+            metrics,
+            diagnostics,
+            seed,
         )
     else:
-        result = _plain(cfg, model, opt, train, global_state, metrics, clip)
+        result = _plain(cfg, model, opt, train, global_state, metrics, diagnostics, clip)
     if cfg.optimizer.local_state == "persist":
         buf = io.BytesIO()
         torch.save(opt.state_dict(), buf)
         result.optimizer_state = buf.getvalue()
-    if result.status == "trained" and len(test) > 0:
-        _, acc = evaluate(model, test)
-        metrics["local-test-accuracy"] = acc
+    if sends_diagnostics(cfg):
+        if result.status == "trained" and len(test) > 0:
+            _, acc = evaluate(model, test)
+            diagnostics["local-test-accuracy"] = acc
+        diagnostics["num-examples"] = float(len(train))
+        metrics.update(diagnostics)
     return result
 
 
-def _plain(cfg, model, opt, train, global_state, metrics, clip) -> ClientResult:
+def _plain(cfg, model, opt, train, global_state, metrics, diagnostics, clip) -> ClientResult:
     """No DP on the client: the update is the model (or the clipped update for dp-fedavg)."""
     loader = DataLoader(train, batch_size=min(cfg.data.batch_size, len(train)), shuffle=True)
     done = train_non_private(model, opt, loader, _local_steps(cfg, len(train)))
-    metrics.update({"train-loss": done.mean_loss, "local-steps": float(done.steps)})
+    # local-steps depends on len(train) (epochs / q, q = B / n): a diagnostic
+    diagnostics.update({"train-loss": done.mean_loss, "local-steps": float(done.steps)})
     new_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if clip is None:
         return ClientResult("trained", new_state, len(train), metrics)
     clipped, norm = flat_clip(subtract(new_state, global_state), clip)
-    metrics.update({"update-norm": norm, "unclipped": float(norm <= clip)})
+    metrics["unclipped"] = float(norm <= clip)  # for the trusted server's noisy count only
+    diagnostics["update-norm"] = norm
     return ClientResult("trained", clipped, len(train), metrics)
 
 
 def _sample_level(
-    cfg, pid, model, opt, train, server_round, state, server_history, metrics
+    cfg, pid, model, opt, train, server_round, state, server_history, metrics, diagnostics, seed
 ) -> ClientResult:
     who = participant_name(pid)
     own = [Phase(*t) for t in state.get("phases", [])]
@@ -235,7 +281,7 @@ def _sample_level(
         participant=who,
         ledger=ledger,
         physical_batch_size=cfg.data.physical_batch_size,
-        seed=_seed(cfg, server_round, pid),
+        seed=seed,
         **kwargs,
     )
     try:
@@ -244,14 +290,11 @@ def _sample_level(
         pt.detach()
     phases = merge_phases([e.phase() for e in ledger.events[before:]])
     state["phases"] = [p.as_tuple() for p in ledger.history(who)]
-    metrics.update(
-        {
-            "train-loss": result.mean_loss,
-            "local-steps": float(result.steps),
-            "epsilon": ledger.epsilon(who),
-            "noise-multiplier": sigma,
-        }
-    )
+    # the privacy report: functions of the config and the privacy history
+    metrics.update({"epsilon": ledger.epsilon(who), "noise-multiplier": sigma})
+    # un-noised functions of the records (the loss of the private batches): diagnostics;
+    # local-steps is in the phases too, but is kept off the default reply with the rest
+    diagnostics.update({"train-loss": result.mean_loss, "local-steps": float(result.steps)})
     if result.steps == 0:
         return ClientResult("budget-exhausted", None, len(train), metrics, phases)
     new_state = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -7,6 +7,14 @@ used), drop malformed replies with a recorded reason (client error, missing repl
 shape or dtype, NaN/Inf), aggregate, evaluate on the server's held-out set, record metrics and a
 checkpoint. Under user-level DP a round in which fewer clients reply than were sampled is skipped
 (fail closed): the noise calibration assumes every sampled update is in the sum.
+
+What the server stores (README, "What leaves a client / what the server publishes"): per round,
+the evaluation of the new global model on the server's own held-out set, the counts of
+replying and dropped clients, the largest epsilon spent, and the strategy's released summary
+(dp-fedavg: clip, next clip, noisy unclipped fraction). Under DP nothing else derived from the
+clients' replies: their diagnostics (``federation.client-diagnostics``) are stored per client
+with names prefixed ``uncovered/`` (not covered by the guarantee). Without DP the mean client
+training loss is stored too, as before (nothing is protected there).
 """
 
 from __future__ import annotations
@@ -30,11 +38,17 @@ from dpfl.clients.local_train import evaluate
 from dpfl.config import Config
 from dpfl.data import load_dataset
 from dpfl.errors import PrivacyBudgetError
-from dpfl.federation_messages import HISTORY, ROUND, decode_phases, encode_phases
+from dpfl.federation_messages import (
+    DIAGNOSTIC_METRICS,
+    HISTORY,
+    ROUND,
+    decode_phases,
+    encode_phases,
+)
 from dpfl.models import create_model
 from dpfl.server.aggregation import check_state
 from dpfl.server.strategies import Reply, create_strategy
-from dpfl.store import RunHandle
+from dpfl.store import UNCOVERED_PREFIX, RunHandle
 
 __all__ = ["FederationResult", "ResumeState", "run_rounds", "sample_clients"]
 
@@ -184,6 +198,8 @@ def run_rounds(
                 )
             else:
                 valid.append(reply)
+        if run is not None and cfg.federation.client_diagnostics:
+            _record_diagnostics(run, r, valid)
         if user_dp and len(valid) < len(sampled):
             reason = (
                 f"fail closed: {len(valid)} of {len(sampled)} sampled clients replied validly; "
@@ -210,12 +226,10 @@ def run_rounds(
             "epsilon-max": max(eps.values(), default=0.0) if cfg.privacy.enabled else math.inf,
             **{k: float(v) for k, v in strategy.summary().items()},
         }
-        if valid and any("train-loss" in rep.metrics for rep in valid):
-            row["train-loss"] = statistics.fmean(
-                rep.metrics["train-loss"]
-                for rep in valid
-                if "train-loss" in rep.metrics and math.isfinite(rep.metrics["train-loss"])
-            )
+        losses = [rep.metrics.get("train-loss", math.nan) for rep in valid]
+        losses = [x for x in losses if math.isfinite(x)]
+        if not cfg.privacy.enabled and losses:  # under DP: only as uncovered/ diagnostics
+            row["train-loss"] = statistics.fmean(losses)
         history.append({"round": float(r), **row})
         if run is not None:
             run.log_metrics(row, round=r, scope="server")
@@ -257,6 +271,16 @@ def _epsilons(ledger: PrivacyLedger, user_dp: bool) -> dict[str, float]:
     if user_dp:
         return {"server": ledger.epsilon("server")}
     return ledger.spent()
+
+
+def _record_diagnostics(run: RunHandle, r: int, replies: list[Reply]) -> None:
+    """Each client's diagnostics, one scope per participant, names marked ``uncovered/``."""
+    for rep in replies:
+        found = {k: rep.metrics[k] for k in DIAGNOSTIC_METRICS if k in rep.metrics}
+        if found:
+            run.log_metrics(
+                {UNCOVERED_PREFIX + k: v for k, v in found.items()}, round=r, scope=rep.participant
+            )
 
 
 def _end(run: RunHandle | None, r: int, status: str, info: dict[str, Any]) -> None:

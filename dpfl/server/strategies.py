@@ -1,6 +1,9 @@
 """Server strategies by name: how valid client replies become the next global model.
 
-* ``fedavg``: mean of client models weighted by their number of examples (McMahan et al. 2017);
+* ``fedavg``: mean of client models weighted by their number of examples (McMahan et al. 2017)
+  without DP; UNWEIGHTED (each client weight 1) under DP (our choice): a client under DP does
+  not send its exact number of examples, and weights drawn from the records would make the
+  aggregate depend on something the guarantee does not cover;
 * ``fedprox``: the same aggregation; clients add the proximal term (``federation.proximal-mu``);
 * ``median`` / ``trimmed-mean``: coordinate-wise robust aggregation (Yin et al. 2018);
 * ``dp-fedavg``: user-level DP (McMahan et al. 2018; spec 6.3-6.4): clients send updates
@@ -12,6 +15,13 @@
   moves it the other way); the noise split z_g = (z^-2 - (2 sigma_b)^-2)^-1/2 keeps the pair of
   releases one Gaussian mechanism of multiplier z, which is what the server accountant records
   (participant ``server``, sampling rate q, one event per round, before the release).
+  The unclipped bit of each update is the one its client reports (``unclipped``): a client-clipped
+  update has norm S up to rounding, so the server cannot tell clipped from unclipped by the norm
+  (it still counts an update it had to re-clip as clipped). The server is the trusted curator:
+  it uses the bits, but publishes (``summary``) only the noisy fraction, the clip and the next
+  clip. With ``privacy.secure-mode`` both noises come from the OS CSPRNG; otherwise from a
+  generator seeded by the run seed (reproducible, so whoever knows the seed, which the run
+  store records, can subtract the noise).
 
 Sample-level DP (``privacy.level = "sample"``) needs nothing from the strategy: the clients'
 releases are already private and any aggregation of them is post-processing.
@@ -78,8 +88,13 @@ class Strategy:
 class FedAvg(Strategy):
     name = "fedavg"
 
+    def __init__(self, weighted: bool = True) -> None:
+        #: weight by num-examples (no DP) or not (DP: each client weight 1, our choice)
+        self.weighted = weighted
+
     def aggregate(self, global_state, replies, server_round):
-        return weighted_average([r.arrays for r in replies], [r.num_examples for r in replies])
+        weights = [r.num_examples if self.weighted else 1 for r in replies]
+        return weighted_average([r.arrays for r in replies], weights)
 
 
 class FedProx(FedAvg):
@@ -120,8 +135,10 @@ class DPFedAvg(Strategy):
         self.count_std = p.count_noise_std or self.expected_clients / 20
         self.server_lr = f.server_lr
         self.ledger = ledger
+        self.secure = p.secure_mode
         self.generator = torch.Generator().manual_seed(cfg.seed + 17)
         self.last_clip = self.clip
+        self.last_fraction: float | None = None  # the released (noisy) unclipped fraction
         if self.adaptive and noise_multiplier > 0 and noise_multiplier >= 2 * self.count_std:
             raise ConfigError(
                 f"adaptive dp-fedavg needs noise multiplier {noise_multiplier:g} < 2 * count noise "
@@ -141,30 +158,43 @@ class DPFedAvg(Strategy):
     def aggregate(self, global_state, replies, server_round):
         # 1. account the release first (raises PrivacyBudgetError: nothing is released)
         self.ledger.record("server", self.noise_multiplier, self.sample_rate, 1, round=server_round)
-        clip = self.clip
+        clip = self.clip  # the clip sent to this round's clients (client_config)
         total: State | None = None
-        unclipped = 0.0
+        unclipped = 0.0  # private: only its noisy version leaves this method
         for r in replies:
             update, norm = flat_clip(r.arrays, clip)  # defensive re-clip: sensitivity is S
-            unclipped += 1.0 if norm <= clip else 0.0
+            unclipped += _unclipped_bit(r, norm, clip)
             total = update if total is None else {k: total[k] + update[k] for k in total}
         if total is None:
             raise ConfigError("dp-fedavg cannot aggregate a round without replies")
         std = self.gradient_multiplier() * clip
         mean = {
-            k: (v + gaussian_like(v, std, self.generator)) / self.expected_clients
+            k: (v + gaussian_like(v, std, self.generator, self.secure)) / self.expected_clients
             for k, v in total.items()
         }
         self.last_clip = clip
         if self.adaptive:
-            noise = float(torch.randn((), generator=self.generator, dtype=torch.float64))
+            noise = self._standard_normal()
+            # centred bits b - 1/2 (sensitivity 1/2), noised, then un-centred: the release
             frac = (unclipped - 0.5 * len(replies) + self.count_std * noise) / self.expected_clients
-            frac = min(max(frac + 0.5, 0.0), 1.0)
-            self.clip = clip * math.exp(-self.clip_lr * (frac - self.target_quantile))
+            frac += 0.5
+            self.last_fraction = frac
+            self.clip = clip * math.exp(
+                -self.clip_lr * (min(max(frac, 0.0), 1.0) - self.target_quantile)
+            )
         return add_scaled(global_state, mean, self.server_lr)
 
+    def _standard_normal(self) -> float:
+        ref = torch.zeros((), dtype=torch.float64)
+        return float(gaussian_like(ref, 1.0, self.generator, self.secure))
+
     def summary(self) -> dict[str, float]:
-        return {"clip": self.last_clip, "next-clip": self.clip}
+        """What the server publishes: the clip used, the next clip and (adaptive) the noisy
+        unclipped fraction; never the raw count."""
+        out = {"clip": self.last_clip, "next-clip": self.clip}
+        if self.adaptive and self.last_fraction is not None:
+            out["noisy-unclipped-fraction"] = self.last_fraction
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         return {"clip": self.clip, "generator": self.generator.get_state()}
@@ -174,9 +204,21 @@ class DPFedAvg(Strategy):
         self.generator.set_state(state["generator"])
 
 
+def _unclipped_bit(reply: Reply, norm: float, clip: float) -> float:
+    """1 for an update its client left unclipped, else 0 (always in {0, 1}: sensitivity holds
+    whatever a client sends). The client's bit when it reports one; an update the server had to
+    re-clip (norm above S beyond rounding) counts as clipped."""
+    if norm > clip * (1 + 1e-5):
+        return 0.0
+    reported = reply.metrics.get("unclipped")
+    if reported is None:
+        return 1.0 if norm <= clip else 0.0
+    return 1.0 if reported == 1.0 else 0.0
+
+
 STRATEGIES: Registry[Strategy] = Registry("strategy")
-STRATEGIES.register("fedavg", lambda cfg, **_: FedAvg())
-STRATEGIES.register("fedprox", lambda cfg, **_: FedProx())
+STRATEGIES.register("fedavg", lambda cfg, **_: FedAvg(weighted=not cfg.privacy.enabled))
+STRATEGIES.register("fedprox", lambda cfg, **_: FedProx(weighted=not cfg.privacy.enabled))
 STRATEGIES.register("median", lambda cfg, **_: Median())
 STRATEGIES.register("trimmed-mean", lambda cfg, **_: TrimmedMean(cfg.federation.trim_fraction))
 STRATEGIES.register(

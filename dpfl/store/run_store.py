@@ -7,6 +7,8 @@ the pid's start time; a run still marked ``running`` whose process is gone is sh
 as ``killed`` the next time the store is read.
 
 Metric values that are NaN are stored as NULL (SQLite cannot hold NaN) and read back as NaN.
+A metric whose name starts with ``uncovered/`` (:data:`UNCOVERED_PREFIX`) is not covered by the
+run's privacy guarantee; ``dpfl runs show`` lists those apart.
 """
 
 from __future__ import annotations
@@ -30,9 +32,12 @@ from typing import Any
 from dpfl.errors import ConfigError, RunNotFoundError, StoreError
 from dpfl.store.schema import SCHEMA, SCHEMA_VERSION
 
-__all__ = ["RUN_STATUSES", "RunHandle", "RunStore", "software_versions"]
+__all__ = ["RUN_STATUSES", "UNCOVERED_PREFIX", "RunHandle", "RunStore", "software_versions"]
 
 RUN_STATUSES = ("running", "completed", "failed", "interrupted", "killed")
+#: prefix of the name of every metric that the run's privacy guarantee does NOT cover (client
+#: diagnostics computed on private records and sent un-noised, ``federation.client-diagnostics``)
+UNCOVERED_PREFIX = "uncovered/"
 _FINAL = ("completed", "failed", "interrupted")
 
 
