@@ -55,7 +55,13 @@ from torch.overrides import TorchFunctionMode
 
 from dpfl.errors import IncompatibleModelError
 
-__all__ = ["BatchGuard", "backend_refusals", "owned_parameters", "validate_model"]
+__all__ = [
+    "BatchGuard",
+    "alias_holder",
+    "backend_refusals",
+    "owned_parameters",
+    "validate_model",
+]
 
 Tensor = torch.Tensor
 
@@ -72,11 +78,24 @@ def _trainable(m: nn.Module, recurse: bool = False) -> list[nn.Parameter]:
     return [p for p in m.parameters(recurse=recurse) if p.requires_grad]
 
 
+def alias_holder(m: nn.Module, own: list[nn.Parameter]) -> bool:
+    """Whether every one of ``own`` is also owned by a descendant of ``m`` (Opacus' DPLSTM
+    registers its cells' RNNLinear weights on itself): the descendant's calls cover them."""
+    return all(
+        any(d is not m and any(q is p for q in d.parameters(recurse=False)) for d in m.modules())
+        for p in own
+    )
+
+
 def owned_parameters(model: nn.Module) -> dict[int, list[str]]:
-    """For each trainable parameter (by id), the names of the modules that own it directly."""
+    """For each trainable parameter (by id), the names of the modules that own it directly
+    (alias holders left out)."""
     owners: dict[int, list[str]] = {}
     for name, m in model.named_modules():
-        for p in _trainable(m):
+        own = _trainable(m)
+        if own and alias_holder(m, own):
+            continue
+        for p in own:
             owners.setdefault(id(p), []).append(name or type(m).__name__)
     return owners
 
@@ -306,14 +325,7 @@ class BatchGuard:
         self._aliases = {
             id(m)
             for m in self._checked
-            if all(
-                any(
-                    d is not m and any(q is p for q in d.parameters(recurse=False))
-                    for d in m.modules()
-                )
-                for p in m.parameters(recurse=False)
-                if id(p) in self._param_ids
-            )
+            if alias_holder(m, [p for p in m.parameters(recurse=False) if id(p) in self._param_ids])
         }
         self._owners = owners
         self._pinned = list(pinned)

@@ -20,6 +20,7 @@ Differences from Opacus, on purpose:
 from __future__ import annotations
 
 import copy
+import secrets
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -241,7 +242,8 @@ def make_private(
         physical_batch_size: largest batch put through the model at once (virtual steps).
         loss_reduction: how ``loss.backward()`` reduced the batch when not using ``backward()``.
         seed: seeds the noise and sampling generators (None: nondeterministic).
-        secure_mode: noise from the OS CSPRNG.
+        secure_mode: noise from the OS CSPRNG, and the Poisson sampler seeded from it (the
+            seed then only fixes what is not secret).
         participant: ledger participant name.
         ledger: an existing ledger to continue (a client across rounds); else a new one.
         ledger_sink: where a new ledger persists events (e.g. ``RunHandle.record_privacy_event``).
@@ -293,6 +295,11 @@ def make_private(
     if seed is not None:
         noise_gen = torch.Generator().manual_seed(seed)
         sampler_gen = torch.Generator().manual_seed(seed + 1)
+    if secure_mode:
+        # who knows the seed knows which records each batch holds, and the amplification by
+        # sampling that the accountant assumes is gone: the sampler's seed comes from the OS
+        # (ours: a torch generator seeded with 63 secret bits; Opacus uses torchcsprng)
+        sampler_gen = torch.Generator().manual_seed(secrets.randbits(63))
     if poisson_sampling:
         loader: DataLoader = DPDataLoader(
             dataset,

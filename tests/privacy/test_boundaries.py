@@ -243,3 +243,23 @@ def test_the_stricter_of_two_budgets_is_kept():
     ledger.enforce_budget(1.0)
     assert ledger.target_epsilon == 1.0
     assert math.isfinite(ledger.epsilon("central"))
+
+
+def test_secure_mode_batches_do_not_follow_the_seed():
+    from tests.privacy.models import make_case
+
+    def batches(secure):
+        model, x, y = make_case("cnn", batch=64)
+        loader = DataLoader(TensorDataset(x, y), batch_size=8)
+        pt = make_private(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            loader,
+            noise_multiplier=1.0,
+            seed=0,
+            secure_mode=secure,
+        )
+        return [tuple(xb.sum((1, 2, 3)).tolist()) for xb, _ in pt.data_loader]
+
+    assert batches(False) == batches(False)  # seeded: reproducible
+    assert batches(True) != batches(True)  # secure: the seed does not reveal the batches

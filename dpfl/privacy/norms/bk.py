@@ -38,6 +38,7 @@ from opacus.grad_sample import GradSampleModule
 from torch import nn
 
 from dpfl.errors import IncompatibleModelError
+from dpfl.privacy.boundaries import alias_holder
 
 __all__ = ["BookKeepingBackend"]
 
@@ -452,15 +453,6 @@ def _detached(obj: Any) -> Any:
     return obj
 
 
-def _alias_holder(m: nn.Module, own: list[nn.Parameter]) -> bool:
-    """Whether every one of ``own`` is also owned by a descendant of ``m`` (Opacus' DPLSTM
-    registers its cells' RNNLinear weights on itself): the descendant's calls cover them."""
-    return all(
-        any(d is not m and any(q is p for q in d.parameters(recurse=False)) for d in m.modules())
-        for p in own
-    )
-
-
 class BookKeepingBackend:
     """Attaches to ``model`` (in place; no wrapper) and computes clipped sums in one backward.
 
@@ -487,7 +479,7 @@ class BookKeepingBackend:
         modules: list[nn.Module] = []
         for name, m in model.named_modules():
             own = [p for p in m.parameters(recurse=False) if p.requires_grad]
-            if not own or _alias_holder(m, own):
+            if not own or alias_holder(m, own):
                 continue
             if _handler(m) is _Functorch and list(m.buffers(recurse=False)):
                 raise IncompatibleModelError(
