@@ -9,6 +9,7 @@ as Flower's simulation and ``flower-supernode --node-config`` set it.
 from __future__ import annotations
 
 import json
+import secrets
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -25,11 +26,28 @@ from dpfl.federation_messages import (
     split_config,
 )
 
-__all__ = ["app"]
+__all__ = ["TRUSTED_SIMULATION", "app", "simulation_app"]
 
 app = ClientApp()
 
+
+def _trusted(msg: Message, context: Context, call_next) -> Message:
+    context.node_config[TRUSTED_SIMULATION] = True
+    return call_next(msg, context)
+
+
+def simulation_app() -> ClientApp:
+    """dpfl's ClientApp for engines that simulate the whole federation in one trust domain
+    (Flower's Ray engine in ``dpfl simulate --backend ray``): reproducible client randomness."""
+    sim = ClientApp(mods=[_trusted])
+    sim.train()(train)
+    return sim
+
+
 _STATE_KEY = "dpfl"
+#: node-config flag set by dpfl's simulation engines, where server and clients share one trust
+#: domain: the clients' randomness then follows the run seed (reproducible runs)
+TRUSTED_SIMULATION = "dpfl-trusted-simulation"
 _OPTIM_KEY = "dpfl-optimizer"  # the local solver's state, with optimizer.local-state = "persist"
 
 
@@ -42,6 +60,10 @@ def train(msg: Message, context: Context) -> Message:
     pid = int(context.node_config["partition-id"])
     record = context.state.config_records.get(_STATE_KEY)
     state = json.loads(str(record["json"])) if record is not None else {}
+    if not context.node_config.get(TRUSTED_SIMULATION) and "noise-secret" not in state:
+        # the server knows the run seed: noise seeded from it could be regenerated and
+        # subtracted; outside dpfl's own simulations the client keeps a secret of its own
+        state["noise-secret"] = secrets.randbits(62)
     history = decode_phases(str(extra[HISTORY])) if HISTORY in extra else None
     saved = context.state.config_records.get(_OPTIM_KEY)
     result = run_client_round(

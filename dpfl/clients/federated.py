@@ -141,13 +141,20 @@ def _participation(cfg: Config) -> float:
     return f.clients_per_round / f.num_clients if f.clients_per_round else f.fraction
 
 
-def _seed(cfg: Config, server_round: int, partition_id: int) -> int:
-    """The client's seed this round: from the run seed (reproducible; the server, which sends
-    the config, could regenerate it), or, with ``privacy.secure-mode``, from the OS CSPRNG, so
-    that nobody else can reproduce the client's batch sampling or noise."""
+def _seed(cfg: Config, server_round: int, partition_id: int, secret: int | None = None) -> int:
+    """The client's seed this round (batch sampling and noise).
+
+    * ``privacy.secure-mode``: from the OS CSPRNG;
+    * a client ``secret`` (what a ClientApp outside dpfl's own simulations holds): derived from
+      it, so the server, which knows the run seed, cannot regenerate the client's noise and
+      subtract it from the update;
+    * otherwise from the run seed: reproducible, for simulations where server and clients are
+      one trust domain (``dpfl simulate``) and for the Flower-free API.
+    """
     if cfg.privacy.enabled and cfg.privacy.secure_mode:
         return secrets.randbelow(2**31 - 1)
-    return (cfg.seed * 1_000_003 + server_round * 7_919 + partition_id) % (2**31 - 1)
+    base = cfg.seed if secret is None else secret
+    return (base * 1_000_003 + server_round * 7_919 + partition_id) % (2**31 - 1)
 
 
 def _optimizer(
@@ -191,8 +198,9 @@ def run_client_round(
     server_history: list[Phase] | None = None,
     optimizer_state: bytes | None = None,
 ) -> ClientResult:
-    """Trains one round; ``state`` (the client's persistent state) is updated in place."""
-    seed = _seed(cfg, server_round, partition_id)
+    """Trains one round; ``state`` (the client's persistent state) is updated in place. A
+    ``state["noise-secret"]`` keeps the client's randomness from the server (see ``_seed``)."""
+    seed = _seed(cfg, server_round, partition_id, state.get("noise-secret"))
     torch.manual_seed(seed)
     train, test = client_datasets(cfg, partition_id)
     model = _model(cfg)

@@ -23,6 +23,8 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+from dpfl.clients.client_app import TRUSTED_SIMULATION
+
 __all__ = ["InProcessGrid"]
 
 SERVER_NODE_ID = 0
@@ -41,7 +43,11 @@ class InProcessGrid(Grid):
             n: Context(
                 run_id=run_id,
                 node_id=n,
-                node_config={"partition-id": n - 1, "num-partitions": num_nodes},
+                node_config={
+                    "partition-id": n - 1,
+                    "num-partitions": num_nodes,
+                    TRUSTED_SIMULATION: True,  # one process, one trust domain: reproducible
+                },
                 state=RecordDict(),
                 run_config={},
             )

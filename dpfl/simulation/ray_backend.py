@@ -112,7 +112,7 @@ def _child(payload_path: str) -> None:
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
-    from dpfl.clients.client_app import app as client_app
+    from dpfl.clients.client_app import simulation_app
     from dpfl.server.loop import run_rounds
     from dpfl.simulation.runner import resume_state
     from dpfl.store import RunStore
@@ -134,7 +134,7 @@ def _child(payload_path: str) -> None:
 
     run_simulation(
         server_app=server_app,
-        client_app=client_app,
+        client_app=simulation_app(),
         num_supernodes=cfg.federation.num_clients,
         backend_name="ray",
         backend_config={

@@ -405,3 +405,28 @@ def test_a_fresh_client_process_stops_on_its_budget_in_time(store_path):
         assert {e["round"] for e in mine} == {1, 2}
         (sigma,), (q,) = {e["noise_multiplier"] for e in mine}, {e["sample_rate"] for e in mine}
         assert opacus_epsilon(sigma, q, sum(e["steps"] for e in mine)) <= 2.0
+
+
+# -- the clients' randomness is not the server's to know -----------------------------------------
+def _run_twice(trusted: bool):
+    from dpfl.clients.client_app import TRUSTED_SIMULATION
+    from dpfl.clients.client_app import app as dpfl_app
+
+    losses = []
+    for _ in range(2):
+        grid = InProcessGrid(dpfl_app, 4)
+        for ctx in grid._contexts.values():
+            if not trusted:  # a deployment: the SuperNode's config has no such flag
+                del ctx.node_config[TRUSTED_SIMULATION]
+        cfg = cfg_with(*SAMPLE, "federation.rounds=1", "federation.local-steps=1")
+        losses.append(run_rounds(grid, cfg).loss)
+    return losses
+
+
+def test_outside_a_simulation_the_server_cannot_regenerate_the_clients_noise():
+    # the run seed (known to the server) fixes the result only in dpfl's trusted simulations;
+    # a deployed client keeps a secret of its own, so the same config gives other noise
+    same = _run_twice(trusted=True)
+    assert same[0] == same[1]
+    other = _run_twice(trusted=False)
+    assert other[0] != other[1]
