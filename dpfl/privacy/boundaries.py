@@ -46,18 +46,21 @@ record gets its own per-sample gradient; non-contiguous ids are made contiguous.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from dpfl.errors import IncompatibleModelError
+from dpfl.errors import DpflError, IncompatibleModelError
 
 __all__ = [
     "BatchGuard",
     "alias_holder",
+    "backend_errors",
     "backend_refusals",
     "owned_parameters",
     "validate_model",
@@ -202,6 +205,12 @@ def backend_refusals(model: nn.Module, backend: str) -> None:
             )
 
 
+def _opacus_rules() -> set:
+    from opacus.grad_sample import GradSampleModule
+
+    return set(GradSampleModule.GRAD_SAMPLERS)
+
+
 def _is_time_first_sequence_bias(m: nn.Module) -> bool:
     t = type(m)
     return (
@@ -214,6 +223,30 @@ def _is_time_first_sequence_bias(m: nn.Module) -> bool:
 def _batch_dim(m: nn.Module) -> int:
     """The dimension of ``m``'s input and output that holds the records."""
     return 1 if _is_time_first_sequence_bias(m) else 0
+
+
+@contextlib.contextmanager
+def backend_errors(backend: str):
+    """A per-sample backend failing inside on a model it accepted is a refusal, not a
+    traceback: any non-dpfl error becomes :class:`IncompatibleModelError` naming the backend."""
+    try:
+        yield
+    except DpflError:
+        raise
+    except (
+        RuntimeError,
+        TypeError,
+        ValueError,
+        IndexError,
+        KeyError,
+        AttributeError,
+        NotImplementedError,
+    ) as e:
+        raise IncompatibleModelError(
+            f"the {backend} per-sample backend cannot handle this model ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); try grad-sample-mode "
+            f"{'functorch' if backend == 'bk' else 'bk'}, or simplify the layer named in the error"
+        ) from e
 
 
 # -- the run-time guard --------------------------------------------------------------------------
@@ -253,28 +286,48 @@ def _map_batch(obj: Any, n: int, fn: Callable[[Tensor], Tensor]) -> Any:
 
 
 class _UseRecorder(TorchFunctionMode):
-    """Records operations that read a trainable parameter outside a module that owns it."""
+    """The probe's torch function mode: records operations that read a trainable parameter
+    anywhere but in the forward of a module owning it (the innermost module running must be an
+    owner: a closure or child module reading a parent's parameter is not covered by the
+    parent's per-sample rule), and makes dropout the identity so that the train-mode passes
+    are deterministic (other randomness then shows up as mixing and is refused)."""
 
     def __init__(self, owners: dict[int, set[int]], stack: list[int]) -> None:
         super().__init__()
         self.owners, self.stack = owners, stack
+        self.record = True
         self.outside: list[tuple[int, str, int | None]] = []  # (param id, op, enclosing module)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in _DROPOUTS:
+            return args[0] if args else kwargs["input"]
+        if func is F.scaled_dot_product_attention and kwargs.get("dropout_p"):
+            kwargs = {**kwargs, "dropout_p": 0.0}
         result = func(*args, **kwargs)
-        if _first_tensor(result) is None or _gradient_free(func):
+        if not self.record or _first_tensor(result) is None or _gradient_free(func):
             return result  # metadata (dtype, shape) or a detached view: no gradient flows
+        top = self.stack[-1] if self.stack else None
         for t in _tensors((args, kwargs)):
             owners = self.owners.get(id(t))
-            if owners is not None and not owners.intersection(self.stack):
+            if owners is not None and top not in owners:
                 op = getattr(func, "__name__", str(func))
                 if op == "__get__":
                     op = f".{getattr(getattr(func, '__self__', None), '__name__', '?')}"
-                self.outside.append((id(t), op, self.stack[-1] if self.stack else None))
+                self.outside.append((id(t), op, top))
         return result
 
 
+_DROPOUTS = {
+    F.dropout,
+    F.dropout1d,
+    F.dropout2d,
+    F.dropout3d,
+    F.alpha_dropout,
+    F.feature_alpha_dropout,
+    torch.dropout,
+    torch.nn.functional.dropout,
+}
 _NO_GRADIENT_ATTRIBUTES = {"data", "grad", "detach", "detach_"}
 
 
@@ -338,12 +391,14 @@ class BatchGuard:
         self.calls: dict[int, int] = {}
         self.input_ranks: dict[int, int] = {}
         self._trace: list[tuple[int, Tensor]] = []
+        self._sizes: list[tuple[int, list]] = []
+        self._forwarded = False
         self._handles = [
             model.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
             model.register_forward_hook(self._post_forward),
         ]
         for m in self._checked:
-            self._handles.append(m.register_forward_hook(self._check_rows))
+            self._handles.append(m.register_forward_hook(self._check_rows, with_kwargs=True))
         for m in model.modules():
             if isinstance(m, nn.Embedding | nn.EmbeddingBag) and any(
                 id(p) in self._param_ids for p in m.parameters(recurse=False)
@@ -362,8 +417,14 @@ class BatchGuard:
 
     # -- hooks ------------------------------------------------------------------------------------
     def _pre_forward(self, module, args, kwargs):
-        if self._probing or not torch.is_grad_enabled():
+        if (
+            self._probing
+            or not torch.is_grad_enabled()
+            or module is not self.model  # a copy (Opacus' functorch deep-copies modules)
+            or torch._C._current_graph_task_id() != -1  # re-run during a backward (vmap rule)
+        ):
             return None
+        self._forwarded = True
         trainable = {id(p) for p in module.parameters() if p.requires_grad}
         if trainable != self._param_ids:
             added = [self._names.get(i, "?") for i in trainable - self._param_ids]
@@ -408,17 +469,25 @@ class BatchGuard:
             )
         return None
 
-    def _check_rows(self, module, args, output):
+    def _check_rows(self, module, args, kwargs, output):
         if not (self._in_forward or self._probing) or id(module) in self._aliases:
             return None
         if self._probing:
             self.calls[id(module)] = self.calls.get(id(module), 0) + 1
         n = self.batch
-        first = _first_tensor(args)
+        inputs = [t for t in (*args, *kwargs.values()) if isinstance(t, Tensor)]
+        first = inputs[0] if inputs else None
         if first is not None and self._probing:
             self.input_ranks[id(module)] = max(self.input_ranks.get(id(module), 0), first.dim())
+            self._sizes.append((id(module), [t.shape[0] if t.dim() else None for t in inputs]))
             if first.is_floating_point() and first.dim() > 0 and first.shape[0] == n:
                 self._trace.append((id(module), _digest(first)))
+            if self.backend != "bk" and len(inputs) > 1 and type(module) not in _opacus_rules():
+                raise IncompatibleModelError(
+                    f"{self._module(module)} ({type(module).__name__}) takes {len(inputs)} tensor "
+                    f"inputs; Opacus' {self.backend} rule for modules without a rule of their "
+                    "own uses the first only; use grad-sample-mode bk"
+                )
         if n is None:
             return None
         dim = _batch_dim(module)
@@ -474,36 +543,44 @@ class BatchGuard:
             hooks.append(m.register_forward_pre_hook(enter))
             hooks.append(m.register_forward_hook(leave))
         devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
+        state = [*model.named_parameters(), *model.named_buffers()]
+        versions = {name: t._version for name, t in state}
         self._probing = True
         try:
-            model.eval()
+            # the probe runs in the modes the model trains in (frozen BatchNorm stays pinned
+            # in eval), dropout made the identity, without gradients
             with torch.no_grad(), torch.random.fork_rng(devices=devices):
-                self.calls, self.input_ranks, self._trace = {}, {}, []
+                self.calls, self.input_ranks, self._trace, self._sizes = {}, {}, [], []
                 recorder = _UseRecorder(self._owners, stack)
                 with recorder:
                     full = model(*args, **kwargs)
-                if recorder.outside:
-                    pid, op, where = recorder.outside[0]
-                    owners = ", ".join(self._module(o) for o in self._owners[pid])
-                    raise IncompatibleModelError(
-                        f"trainable parameter '{self._names.get(pid, '?')}' is used outside its "
-                        f"module {owners} (by {op} in {self._module(where)}): per-sample "
-                        "gradients cover calls of the owning module only, so that part of its "
-                        "gradient would be missing; call the module instead (for tied weights, "
-                        "a module whose weight is the shared parameter), or freeze it"
-                    )
-                self._check_ghost()
-                self.used_outside_checked = True
-                if n is not None and n >= 2:
-                    stack.clear()
-                    full_trace, self._trace = self._trace, []
-                    self.batch = n - 1
-                    fewer = model(
-                        *_map_batch(args, n, lambda t: t[:-1]),
-                        **_map_batch(kwargs, n, lambda t: t[:-1]),
-                    )
-                    self._compare(full, fewer, n, full_trace)
-                    self.probed_slices = True
+                    self._check_state(state, versions)
+                    if recorder.outside:
+                        pid, op, where = recorder.outside[0]
+                        owners = ", ".join(self._module(o) for o in self._owners[pid])
+                        raise IncompatibleModelError(
+                            f"trainable parameter '{self._names.get(pid, '?')}' is used outside "
+                            f"the forward of its module {owners} (by {op} in "
+                            f"{self._module(where)}): per-sample gradients cover what the "
+                            "owning module computes itself, so that part of its gradient would "
+                            "be missing; call the module instead (for tied weights, a module "
+                            "whose weight is the shared parameter), or freeze it"
+                        )
+                    self._check_ghost()
+                    self.used_outside_checked = True
+                    if n is not None and n >= 2:
+                        recorder.record = False
+                        stack.clear()
+                        full_trace, self._trace = self._trace, []
+                        full_sizes, self._sizes = self._sizes, []
+                        self.batch = n - 1
+                        fewer = model(
+                            *_map_batch(args, n, lambda t: t[:-1]),
+                            **_map_batch(kwargs, n, lambda t: t[:-1]),
+                        )
+                        self._check_sizes(full_sizes, n)
+                        self._compare(full, fewer, n, full_trace)
+                        self.probed_slices = True
         except IncompatibleModelError:
             raise
         except Exception as e:  # noqa: BLE001 - any failure of the probe is a refusal
@@ -519,6 +596,33 @@ class BatchGuard:
                 h.remove()
             for m, mode in modes.items():
                 m.training = mode
+
+    def _check_state(self, state: list, versions: dict) -> None:
+        """A forward that writes parameters or buffers in place (running statistics, EMA
+        buffers, ``p.data.add_``) changes released state outside any clipped gradient."""
+        for name, t in state:
+            if t._version != versions[name]:
+                owner = name.rsplit(".", 1)[0] if "." in name else "<model>"
+                raise IncompatibleModelError(
+                    f"the forward writes '{name}' in place (in module '{owner}'): state updated "
+                    "from the batch is released with the model outside any clipped gradient, "
+                    "and mixes records; compute it without writing, or freeze the module in "
+                    "eval mode"
+                )
+
+    def _check_sizes(self, full: list, n: int) -> None:
+        """Inputs whose leading dimension equals the batch size by coincidence (a [B, d]
+        buffer when T == B) would be taken for per-record ones."""
+        for (mod, sizes), (mod2, sizes2) in zip(full, self._sizes, strict=False):
+            if mod != mod2:
+                break
+            for k, (s, s2) in enumerate(zip(sizes, sizes2, strict=False)):
+                if s == n and s2 != n - 1:
+                    raise IncompatibleModelError(
+                        f"{self._module(mod)} gets an input (#{k + 1}) whose leading dimension "
+                        f"equals the batch size ({n}) but does not follow the batch: it would be "
+                        "taken for a per-record input; give it another shape (e.g. [1, ...])"
+                    )
 
     def _compare(self, full: Any, fewer: Any, n: int, trace: list) -> None:
         a = [t for t in _tensors(full) if t.dim() > 0 and t.shape[0] == n]
@@ -582,6 +686,13 @@ class BatchGuard:
 
     def check_rows(self, rows: int) -> None:
         """The backend produced ``rows`` per-sample rows for the last backward."""
+        forwarded, self._forwarded = self._forwarded, False
+        if not forwarded:
+            raise IncompatibleModelError(
+                "per-sample gradients arrived without a forward of the model itself (were its "
+                "submodules called directly?): the checks run on the model's forward; call "
+                "the model (pt.model(...)) and put the rest in its forward"
+            )
         for what, n in (("records in the forward", self.batch), ("per-sample losses", self.losses)):
             if n is not None and rows != n:
                 raise IncompatibleModelError(

@@ -35,7 +35,12 @@ from torch.utils.data import DataLoader
 from dpfl.accountants import PrivacyLedger, calibrate_noise, steps_for_epochs
 from dpfl.accountants.ledger import Sink
 from dpfl.errors import ConfigError, IncompatibleModelError
-from dpfl.privacy.boundaries import BatchGuard, backend_refusals, validate_model
+from dpfl.privacy.boundaries import (
+    BatchGuard,
+    backend_errors,
+    backend_refusals,
+    validate_model,
+)
 from dpfl.privacy.clipping import (
     AdaptiveClip,
     AutomaticClip,
@@ -116,6 +121,7 @@ class PrivateTraining:
     backend: Any
     sampler_generator: torch.Generator | None = None
     guard: BatchGuard | None = None
+    _loss_probed: bool = False
 
     def backward(self, losses: torch.Tensor) -> None:
         """Backpropagates per-sample losses ``[b]`` of one physical batch."""
@@ -124,7 +130,9 @@ class PrivateTraining:
                 f"backward expects per-sample losses of shape [batch], got {tuple(losses.shape)} "
                 "(use reduction='none')"
             )
-        with warnings.catch_warnings():
+        if self.guard is not None:
+            self.guard.note_losses(int(losses.shape[0]))
+        with warnings.catch_warnings(), backend_errors(self.backend.name):
             # Opacus' module backward hooks on a first layer whose input needs no gradient
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             if isinstance(self.backend, GhostBackend):
@@ -152,12 +160,32 @@ class PrivateTraining:
         total = 0.0
         for start in range(0, n, size):
             xb, yb = x[start : start + size], y[start : start + size]
-            losses = loss_fn(self.model(xb), yb)
+            out = self.model(xb)
+            losses = loss_fn(out, yb)
+            if not self._loss_probed and xb.shape[0] >= 2:
+                self._probe_loss(out, yb, losses, loss_fn)
             self.backward(losses)
             total += float(losses.detach().sum())
             self.optimizer.accumulate()
         self.optimizer.step()
         return total / n if n else float("nan")
+
+    def _probe_loss(self, out, y, losses, loss_fn) -> None:
+        """Once: a record's loss must not depend on the other records (in-batch negatives,
+        a loss normalized over the batch): the loss of the batch without its last record must
+        leave the others' losses unchanged."""
+        with torch.no_grad():
+            fewer = loss_fn(out[:-1], y[:-1])
+        if fewer.shape != losses[:-1].shape or not torch.allclose(
+            fewer.double(), losses[:-1].detach().double(), rtol=1e-4, atol=1e-6
+        ):
+            raise IncompatibleModelError(
+                "the per-sample losses change when another record leaves the batch: the loss "
+                "mixes records (in-batch negatives, normalization over the batch), so one "
+                "record's influence is not bounded by its own clipped gradient; use a loss "
+                "computed from each record alone"
+            )
+        self._loss_probed = True
 
     def epsilon(self, accountant: str | None = None) -> float:
         """Epsilon spent so far by this learner (with another accountant if given)."""

@@ -28,6 +28,7 @@ from torch.optim import Optimizer
 
 from dpfl.accountants import PrivacyLedger
 from dpfl.errors import ConfigError, IncompatibleModelError
+from dpfl.privacy.boundaries import backend_errors
 from dpfl.privacy.clipping import ClipPolicy
 from dpfl.privacy.dicesgd import LEDGER_NOTE, ErrorFeedback
 from dpfl.privacy.noise import gaussian_like
@@ -154,7 +155,8 @@ class DPOptimizer(Optimizer):
     def accumulate(self) -> None:
         """Clips the last backward's per-sample gradients and adds them to the step's sums
         (call between physical batches of one logical batch; step() calls it for the last)."""
-        norms = self.backend.clip_and_accumulate(self.policy.factors, self._clipped, self._raw)
+        with backend_errors(self.backend.name):
+            norms = self.backend.clip_and_accumulate(self.policy.factors, self._clipped, self._raw)
         if self.guard is not None:
             try:
                 self.guard.check_rows(int(norms.shape[0]))

@@ -271,6 +271,8 @@ def accepted_cases() -> dict[str, tuple]:
         ),
         "embedding-bag-norms": (BagNet, bag, labels, ce, ("bk",)),
         "strided-ids-frozen-norm-bias": (StridedIds, ids, labels, ce, all4),
+        "root-parameter": (RootParam, torch.rand(BATCH, 5, 6, generator=g), labels, ce, all4),
+        "keyword-call": (KeywordCall, vec, labels, ce, ("bk",)),
         "custom-raw-parameter": (CustomNet, vec, labels, ce, ("bk", "hooks", "functorch")),
         "linear-4d": (Linear4D, x4, labels, ce, ("bk", "hooks", "functorch")),
         "bert-full": (tiny_bert, bert_in, bert_y, cls_loss, all4),
@@ -395,6 +397,234 @@ class EmbeddingOption(nn.Module):
         return self.head(self.emb(ids).mean(1))
 
 
+class TrainOnlyMix(nn.Module):
+    """Mixes records only in train mode (an eval-mode probe would miss it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.lin(x)
+        if self.training:
+            h = h - h.mean(0, keepdim=True)
+        return self.head(h)
+
+
+class EMANorm(nn.Module):
+    """A parameter-free module whose buffer follows the batch in train mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mu", torch.zeros(6))
+
+    def forward(self, x):
+        if self.training:
+            self.mu.mul_(0.5).add_(0.5 * x.detach().mean(0))
+        return x - self.mu
+
+
+class EMANet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+        self.ema = EMANorm()
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.ema(self.lin(x)))
+
+
+class DataWrite(nn.Module):
+    """Moves a parameter in place from the batch (an un-noised update)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 3)
+
+    def forward(self, x):
+        if self.training:
+            self.lin.bias.data.add_(0.01 * x.mean(0)[:3])
+        return self.lin(x)
+
+
+class TrainOnlyTie(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(x))
+        if self.training:
+            h = h @ self.lin.weight
+        return self.head(h)
+
+
+class _Child(nn.Module):
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = [fn]
+        self.lin = nn.Linear(6, 6, bias=False)
+
+    def forward(self, x):
+        return self.fn[0](self.lin(x))
+
+
+class ClosureParent(nn.Module):
+    """A parent's parameter read inside a child's forward through a closure."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(6))
+        self.child = _Child(lambda h: h + self.bias)
+
+    def forward(self, x):
+        return self.child(x)
+
+
+class ClosureNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = ClosureParent()
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.block(x)))
+
+
+class AddPos(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.rand(6) + 0.5)
+
+    def forward(self, x, pos):
+        return (x + pos) * self.scale
+
+
+class PosNet(nn.Module):
+    """A [T, d] buffer passed to a layer next to the batch: with T == B its leading dimension
+    equals the batch size by coincidence."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.p = AddPos()
+        self.head = nn.Linear(6, 3)
+        self.register_buffer("pos", torch.randn(BATCH, 6) * 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.p(x, self.pos)).mean(1))
+
+
+class RootParam(nn.Module):
+    """A ViT-style model whose root module owns a parameter (a position embedding)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(5, 6) * 0.1)
+        self.lin = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.lin(torch.tanh(x + self.pos)).mean(1)
+
+
+class KeywordCall(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.lin(input=x)))
+
+
+class _DropoutInside(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(6))
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.drop(x) * self.scale
+
+
+class RandomLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rand = _DropoutInside()
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.rand(x))
+
+
+class InstanceStats(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(6, 6, 1)
+        self.norm = nn.InstanceNorm1d(6, affine=True, track_running_stats=True)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):  # [B, T, 6]
+        return self.head(self.norm(self.conv(x.transpose(1, 2))).mean(2))
+
+
+class EvalAffineBN(TrainBN):
+    def __init__(self) -> None:
+        super().__init__(frozen=False)
+        self.bn.eval()
+
+
+class MaxBag(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bag = nn.EmbeddingBag(10, 6, mode="max")
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, ids):
+        return self.head(self.bag(ids))
+
+
+class TimeFirstOutput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(x).t()
+
+
+class _BufferedScale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(6))
+        self.register_buffer("offset", torch.ones(6))
+
+    def forward(self, x):
+        return x * self.scale + self.offset
+
+
+class BufferedLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = _BufferedScale()
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.layer(x))
+
+
+class UnusedParameter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(6, 3)
+        self.unused = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.head(x)
+
+
 def refused_cases() -> dict[str, tuple]:
     """name -> (factory, inputs, targets, loss, backends that must refuse it)."""
     g = _g(3)
@@ -470,4 +700,25 @@ def refused_cases() -> dict[str, tuple]:
             ("ghost",),
         ),
         "gpt2-full-tied-ghost": (tiny_gpt2, *_hf_text("lm"), lm_loss, ("ghost",)),
+        "instance-norm-running-stats": (InstanceStats, long, labels, ce, all4),
+        "eval-batchnorm-trainable-affine": (EvalAffineBN, vec, labels, ce, all4),
+        "sparse-embedding": (lambda: EmbeddingOption(sparse=True), ids, labels, ce, all4),
+        "embedding-bag-max": (MaxBag, ids, labels, ce, ("bk",)),
+        "output-not-batch-first": (TimeFirstOutput, vec, labels, ce, all4),
+        "buffers-in-a-layer-without-rule": (BufferedLayer, vec, labels, ce, ("bk",)),
+        "unused-trainable-parameter": (UnusedParameter, vec, labels, ce, ("bk", "hooks")),
+        "mixes-only-in-train-mode": (TrainOnlyMix, vec, labels, ce, all4),
+        "buffer-follows-the-batch": (EMANet, vec, labels, ce, all4),
+        "parameter-written-in-forward": (DataWrite, vec, labels, ce, all4),
+        "functional-use-only-in-train-mode": (TrainOnlyTie, vec, labels, ce, all4),
+        "parent-parameter-in-child-closure": (ClosureNet, vec, labels, ce, all4),
+        "coincidental-batch-size-input": (PosNet, square, labels, ce, ("bk",)),
+        "random-layer-without-rule": (RandomLayer, vec, labels, ce, all4),
+        "keyword-call-opacus-rules": (
+            KeywordCall,
+            vec,
+            labels,
+            ce,
+            ("hooks", "functorch", "ghost"),
+        ),
     }

@@ -263,3 +263,60 @@ def test_secure_mode_batches_do_not_follow_the_seed():
 
     assert batches(False) == batches(False)  # seeded: reproducible
     assert batches(True) != batches(True)  # secure: the seed does not reveal the batches
+
+
+# -- what the guard sees of the training loop ------------------------------------------------------
+def test_submodules_called_directly_bypass_nothing():
+    from tests.privacy.models import loss_fn
+
+    model, x, y = _cnn(freeze_head=False)
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    pt = make_private(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        loader,
+        noise_multiplier=1.0,
+        grad_sample_mode="hooks",
+        seed=0,
+    )
+    pt.optimizer.zero_grad()
+    inner = pt.model._module  # SmallCNN: features, classifier
+    h = inner.classifier(inner.features(x))  # skipping the model's own forward
+    pt.backward(loss_fn(h, y))
+    with pytest.raises(IncompatibleModelError, match="without a forward of the model itself"):
+        pt.optimizer.step()
+    assert pt.ledger.events == []
+
+
+def test_a_loss_that_mixes_records_is_refused():
+    from tests.privacy.models import make_case
+
+    model, x, y = make_case("cnn", batch=8)
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    pt = make_private(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), loader, noise_multiplier=1.0, seed=0
+    )
+
+    def in_batch_negatives(out, target):  # InfoNCE over the batch
+        sim = out @ out.t()
+        return -torch.log_softmax(sim, dim=1).diagonal()
+
+    with pytest.raises(IncompatibleModelError, match="the loss mixes records"):
+        pt.train_step(x, y, in_batch_negatives)
+    assert pt.ledger.events == []
+
+
+def test_losses_and_rows_must_match_the_batch():
+    from tests.privacy.models import loss_fn, make_case
+
+    model, x, y = make_case("cnn", batch=8)
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    pt = make_private(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), loader, noise_multiplier=1.0, seed=0
+    )
+    pt.optimizer.zero_grad()
+    with pytest.raises(IncompatibleModelError, match="per-sample losses for a forward of 8"):
+        pt.backward(loss_fn(pt.model(x), y)[:-1])
+    pt.guard._forwarded = True
+    with pytest.raises(IncompatibleModelError, match="produced 7 rows for 8"):
+        pt.guard.check_rows(7)

@@ -407,10 +407,20 @@ class _Functorch:
             return (out * grad_out.unsqueeze(0)).sum()
 
         detached = {n: p.detach() for n, p in own.items()}
-        with torch.enable_grad():
-            grads = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, *dims))(
-                detached, b, *inputs
-            )
+        try:
+            with torch.enable_grad():
+                grads = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, *dims))(
+                    detached, b, *inputs
+                )
+        except RuntimeError as e:
+            if "random" not in str(e):
+                raise
+            raise IncompatibleModelError(
+                f"{type(m).__name__} is random in train mode (dropout inside a module without a "
+                "per-sample rule of its own): its per-sample gradients would be taken under "
+                "other random draws than the forward's; move the dropout out of the module "
+                "(into an nn.Dropout of its own)"
+            ) from None
         return {own[n]: g for n, g in grads.items()}
 
 
@@ -496,6 +506,7 @@ class BookKeepingBackend:
         self._handles.append(model.register_forward_pre_hook(self._detach_params))
         self._handles.append(model.register_forward_hook(self._restore_params))
         self._detached = False
+        self._replaying = False
         self._reset()
 
     def _reset(self) -> None:
@@ -508,20 +519,31 @@ class BookKeepingBackend:
 
     # -- hooks ------------------------------------------------------------------------------------
     def _detach_params(self, module, args) -> None:
-        if torch.is_grad_enabled() and not self._detached:
+        if torch.is_grad_enabled() and not self._detached and not self._replaying:
             for p in self.params:
                 p.requires_grad_(False)
             self._detached = True
 
     def _restore_params(self, module, args, output) -> None:
-        if self._detached:
+        if self._detached and not self._replaying:
             for p in self.params:
                 p.requires_grad_(True)
             self._detached = False
 
     def _capture(self, module: nn.Module, args, kwargs, output):
+        if self._replaying:
+            return None  # a per-sample rule re-running a forward (vmap fallback)
+        if torch._C._current_graph_task_id() != -1 and torch.is_grad_enabled():
+            raise IncompatibleModelError(
+                f"{type(module).__name__} ran its forward during a backward pass (activation "
+                "checkpointing?): bk records each layer once per forward; turn checkpointing "
+                "off for private training"
+            )
         if not (torch.is_grad_enabled() and self._detached) or not isinstance(output, Tensor):
             return None
+        if not args:  # called with keywords only: its first tensor keyword is the input
+            args = tuple(v for v in kwargs.values() if isinstance(v, Tensor))[:1]
+            kwargs = {k: v for k, v in kwargs.items() if v is not args[0]} if args else kwargs
         for p in module.parameters(recurse=False):
             if id(p) in self._index:
                 self._calls_per_param[id(p)] = self._calls_per_param.get(id(p), 0) + 1
@@ -553,10 +575,14 @@ class BookKeepingBackend:
         own = {id(p) for p in m.parameters(recurse=False) if id(p) in self._index}
         shared = any(k in self._tied or self._calls_per_param.get(k, 0) > 1 for k in own)
         if h not in _NATIVE or shared:
-            if h in (_Functorch, _EmbeddingBag):
-                grads = h.per_sample(m, args, b, kwargs)
-            else:
-                grads = h.per_sample(m, list(args), b)
+            self._replaying = True
+            try:
+                if h in (_Functorch, _EmbeddingBag):
+                    grads = h.per_sample(m, args, b, kwargs)
+                else:
+                    grads = h.per_sample(m, list(args), b)
+            finally:
+                self._replaying = False
             for p, g in grads.items():
                 k = id(p)
                 if k in own:
