@@ -288,14 +288,17 @@ def test_submodules_called_directly_bypass_nothing():
     assert pt.ledger.events == []
 
 
-def test_a_loss_that_mixes_records_is_refused():
+def _cnn_private(**kw):
     from tests.privacy.models import make_case
 
     model, x, y = make_case("cnn", batch=8)
     loader = DataLoader(TensorDataset(x, y), batch_size=4)
-    pt = make_private(
-        model, torch.optim.SGD(model.parameters(), lr=0.1), loader, noise_multiplier=1.0, seed=0
-    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return make_private(model, opt, loader, noise_multiplier=1.0, seed=0, **kw), x, y
+
+
+def test_a_loss_that_mixes_records_is_refused():
+    pt, x, y = _cnn_private()
 
     def in_batch_negatives(out, target):  # InfoNCE over the batch
         sim = out @ out.t()
@@ -307,13 +310,9 @@ def test_a_loss_that_mixes_records_is_refused():
 
 
 def test_losses_and_rows_must_match_the_batch():
-    from tests.privacy.models import loss_fn, make_case
+    from tests.privacy.models import loss_fn
 
-    model, x, y = make_case("cnn", batch=8)
-    loader = DataLoader(TensorDataset(x, y), batch_size=4)
-    pt = make_private(
-        model, torch.optim.SGD(model.parameters(), lr=0.1), loader, noise_multiplier=1.0, seed=0
-    )
+    pt, x, y = _cnn_private()
     pt.optimizer.zero_grad()
     with pytest.raises(IncompatibleModelError, match="per-sample losses for a forward of 8"):
         pt.backward(loss_fn(pt.model(x), y)[:-1])
