@@ -173,7 +173,7 @@ class _Section:
 
 CLIPPING_MODES = ("flat", "per-layer", "adaptive", "automatic", "dicesgd")
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost", "bk")
-ACCOUNTANTS = ("rdp", "prv", "gdp")
+ACCOUNTANTS = ("rdp", "prv", "pld", "gdp")
 
 
 @dataclass(frozen=True)

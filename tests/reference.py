@@ -70,3 +70,23 @@ def per_param_norms(grads):
     import torch
 
     return torch.stack([g.reshape(g.shape[0], -1).norm(dim=1) for g in grads], dim=1)
+
+
+# -- privacy loss distributions, straight from dp_accounting ---------------------------------------
+def dp_accounting_pld_epsilon(
+    phases: Sequence[tuple[float, float, int]], delta: float, interval: float
+) -> float:
+    """Epsilon of ``(sigma, q, steps)`` phases by Google's dp_accounting alone, at value
+    discretization ``interval``: its own Poisson-subsampled Gaussian PLD (pessimistic
+    connect-the-dots), each phase self-composed, phases composed in order. Slow at fine
+    intervals (the library builds each distribution one grid point at a time)."""
+    from dp_accounting.pld import privacy_loss_distribution as pld
+
+    composed = None
+    for sigma, q, steps in phases:
+        one = pld.from_gaussian_mechanism(
+            sigma, sampling_prob=q, value_discretization_interval=interval
+        )
+        one = one.self_compose(steps) if steps > 1 else one
+        composed = one if composed is None else composed.compose(one)
+    return float(composed.get_epsilon_for_delta(delta))

@@ -25,10 +25,13 @@ def quick(script: str) -> dict:
 @pytest.mark.slow
 def test_accountants_benchmark_quick_prints_its_json_figures():
     figures = quick("accountants.py")
-    for acc in ("rdp", "prv", "gdp"):
+    for acc in ("rdp", "prv", "pld", "gdp"):
         for steps in ("1e3", "1e4", "1e5"):
             assert figures[f"{acc}_{steps}_s"] > 0
         assert figures[f"calibrate_{acc}_s"] > 0
+    assert figures["calibrate_rdp_1e5_s"] > 0 and figures["calibrate_pld_1e5_s"] > 0
+    # pld: an upper bound within 0.5 % of the fine dp_accounting reference on every case
+    assert 1.0 <= figures["pld_vs_reference_min"] <= figures["pld_vs_reference_max"] <= 1.005
 
 
 @pytest.mark.slow

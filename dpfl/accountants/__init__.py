@@ -1,4 +1,5 @@
-"""Privacy accounting over Opacus' RDP, PRV and GDP accountants, calibration, and the ledger."""
+"""Privacy accounting: Opacus' RDP, PRV and GDP accountants, a PLD accountant (dp_accounting),
+calibration, and the ledger."""
 
 from dpfl.accountants.calibrate import Calibration, calibrate_noise
 from dpfl.accountants.epsilon import (

@@ -65,7 +65,7 @@ class PrivacyLedger:
     """Per-participant privacy histories with optional budget enforcement.
 
     Args:
-        accountant: ``rdp`` or ``prv`` to enforce a budget; ``gdp`` only for reporting.
+        accountant: ``rdp``, ``prv`` or ``pld`` to enforce a budget; ``gdp`` only for reporting.
         delta: the delta every epsilon is reported at.
         target_epsilon: optional budget per participant; releases that would exceed it are refused.
         sink: called with each event before it takes effect
@@ -137,8 +137,8 @@ class PrivacyLedger:
         """Admits ``steps`` releases by ``participant`` (see the module docstring for the order).
 
         ``epsilon_after`` of the returned event is always computed with ``rdp`` (cheap); with
-        ``prv`` or ``gdp`` it is computed when the budget check needed it and is None otherwise
-        (:meth:`epsilon` computes it on demand).
+        ``prv``, ``pld`` or ``gdp`` it is computed when the budget check needed it and is None
+        otherwise (:meth:`epsilon` computes it on demand).
 
         Raises:
             PrivacyBudgetError: the releases would exceed ``target_epsilon``; nothing recorded.
@@ -177,7 +177,8 @@ class PrivacyLedger:
 
         A window ``((sigma, q), n)`` records that ``n`` more steps at ``(sigma, q)`` were verified
         to fit in the budget (epsilon is monotone in steps), so a training loop that accounts
-        every step computes epsilon O(log T) times in all, not T times (PRV takes 0.1-1 s a call).
+        every step computes epsilon O(log T) times in all, not T times (PRV and PLD take 0.01-1 s
+        a call).
         """
         key = (phase.noise_multiplier, phase.sample_rate)
         window = self._windows.get(participant)

@@ -42,20 +42,22 @@ else:  # pragma: no cover
 class AccountantChoice(str, Enum):
     rdp = "rdp"
     prv = "prv"
+    pld = "pld"
     gdp = "gdp"
     all = "all"
 
 
-ORDER = ("rdp", "prv", "gdp")
+ORDER = ("rdp", "prv", "pld", "gdp")
 NOTES = {
     "rdp": "upper bound (Renyi DP)",
     "prv": "upper bound (PRV, eps_error 0.01)",
+    "pld": "upper bound (PLD, pessimistic; within 0.5 %)",
     "gdp": "CLT approximation; can underestimate",
 }
 
 AccountantOption = Annotated[
     AccountantChoice,
-    typer.Option("--accountant", "-a", help="rdp, prv, gdp, or all for a table of the three."),
+    typer.Option("--accountant", "-a", help="rdp, prv, pld, gdp, or all for a table of them."),
 ]
 DeltaOption = Annotated[float, typer.Option("--delta", "-d", help="Target delta, in (0, 1).")]
 SampleRateOption = Annotated[
@@ -212,8 +214,12 @@ def calibrate(
     epochs: EpochsOption = None,
     accountant: AccountantOption = AccountantChoice.rdp,
     tolerance: Annotated[
-        float, typer.Option("--tolerance", help="Stop when epsilon is this close below target.")
-    ] = 0.01,
+        float,
+        typer.Option(
+            "--tolerance",
+            help="Relative: the noise multiplier is within this fraction of the smallest one.",
+        ),
+    ] = 1e-3,
     as_json: JsonOption = False,
     store: StoreOption = DEFAULT_STORE,
     no_record: NoRecordOption = False,
@@ -230,9 +236,7 @@ def calibrate(
         err_console.status("calibrating noise...", spinner="dots") if not as_json else nullcontext()
     ):
         for name in _names(accountant):
-            cal = calibrate_noise(
-                target_epsilon, delta, sample_rate, n, name, epsilon_tolerance=tolerance
-            )
+            cal = calibrate_noise(target_epsilon, delta, sample_rate, n, name, rel_tol=tolerance)
             results[name] = {"noise_multiplier": cal.noise_multiplier, "epsilon": cal.epsilon}
 
     if not no_record:

@@ -4,6 +4,7 @@ import pytest
 from opacus.accountants import GaussianAccountant, PRVAccountant, RDPAccountant
 
 from dpfl.accountants import Phase, compute_epsilon, steps_for_epochs
+from dpfl.accountants.rdp import LARGE_ORDERS, LOW_ORDERS, ORDERS
 from dpfl.errors import AccountantError, ConfigError
 from tests.reference import (
     exact_gaussian_epsilon,
@@ -62,11 +63,69 @@ def test_gdp_equals_opacus_stepped_accountant():
 def test_rdp_equals_closed_form_gaussian(phases):
     mu = gaussian_mu(phases)
     eps = compute_epsilon([Phase(s, 1.0, t) for s, t in phases], DELTA, "rdp")
-    assert eps == pytest.approx(
-        rdp_gaussian_epsilon(mu, DELTA, RDPAccountant.DEFAULT_ALPHAS), rel=1e-9
-    )
+    assert eps == pytest.approx(rdp_gaussian_epsilon(mu, DELTA, ORDERS), rel=1e-9)
     # RDP is an upper bound on the exact epsilon
     assert eps >= exact_gaussian_epsilon(mu, DELTA)
+
+
+@pytest.mark.parametrize("name", ["rdp", "prv", "pld"])
+@pytest.mark.parametrize("delta", [1e-3, 1e-8])
+def test_epsilon_is_at_the_given_delta(name, delta):
+    # Prepare: 10 Gaussian releases at sigma 2 (q = 1): exact and RDP closed forms at this delta
+    mu = gaussian_mu([(2.0, 10)])
+    exact = exact_gaussian_epsilon(mu, delta)
+    # Execute
+    eps = compute_epsilon([Phase(2.0, 1.0, 10)], delta, name)
+    # Assert: an upper bound on the exact value, and close to it (never the value at 1e-5)
+    if name == "rdp":
+        assert eps == pytest.approx(rdp_gaussian_epsilon(mu, delta, ORDERS), rel=1e-9)
+    else:
+        assert exact - 1e-6 <= eps <= exact * 1.005 + (0.02 if name == "prv" else 0.0)
+    assert abs(eps - exact_gaussian_epsilon(mu, 1e-5)) > 0.1
+
+
+# -- the extended RDP orders ---------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "sigma,q", [(1.0, 0.01), (57.0, 0.256), (5.0, 0.1), (0.5, 0.5), (0.3, 0.9), (2.0, 1.0)]
+)
+def test_large_orders_equal_opacus_series(sigma, q):
+    # dpfl's vectorized sum over integer orders >= 64 against Opacus' own loop, where Opacus'
+    # floating-point sum does not overflow
+    import numpy as np
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    from dpfl.accountants.rdp import rdp_per_step
+
+    theirs = np.asarray(compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=LARGE_ORDERS))
+    ours = rdp_per_step(q, sigma)[-len(LARGE_ORDERS) :]
+    finite = np.isfinite(theirs)
+    assert finite.sum() >= 10 and np.isfinite(ours).all()
+    np.testing.assert_allclose(ours[finite], theirs[finite], rtol=1e-10)
+
+
+@pytest.mark.parametrize("sigma", [30.0, 50.0, 100.0])
+def test_small_epsilon_uses_orders_beyond_opacus_defaults(sigma):
+    # Prepare: one Gaussian release (q = 1), epsilon 0.03 .. 0.11; Opacus' orders stop at 63
+    mu = 1 / sigma
+    # Execute
+    eps = compute_epsilon([Phase(sigma, 1.0, 1)], DELTA, "rdp")
+    # Assert: the closed form over all orders, tighter than over Opacus' defaults, still a bound
+    assert eps == pytest.approx(rdp_gaussian_epsilon(mu, DELTA, ORDERS), rel=1e-9)
+    assert eps < 0.9 * rdp_gaussian_epsilon(mu, DELTA, RDPAccountant.DEFAULT_ALPHAS)
+    assert eps >= exact_gaussian_epsilon(mu, DELTA)
+
+
+def test_huge_epsilon_uses_low_orders():
+    # sigma 0.5, q 0.5, 1e4 steps: the optimum is below Opacus' smallest order 1.1
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    orders = list(LOW_ORDERS) + list(RDPAccountant.DEFAULT_ALPHAS)
+    rdp = compute_rdp(q=0.5, noise_multiplier=0.5, steps=10_000, orders=orders)
+    expected, best = get_privacy_spent(orders=orders, rdp=rdp, delta=DELTA)
+    assert best < 1.1
+    assert compute_epsilon([Phase(0.5, 0.5, 10_000)], DELTA, "rdp") == pytest.approx(
+        expected, rel=1e-12
+    )
 
 
 @pytest.mark.parametrize("phases", [[(1.0, 1)], [(2.0, 10)], [(0.9, 3), (3.0, 40)]])
@@ -89,7 +148,7 @@ def test_heterogeneous_gaussian_composes_to_one_equivalent_gaussian():
 
 
 # -- heterogeneous composition -------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["rdp", "prv", "gdp"])
+@pytest.mark.parametrize("name", ["rdp", "prv", "pld", "gdp"])
 def test_split_phase_equals_whole(name):
     whole = compute_epsilon([Phase(1.1, 0.02, 1000)], DELTA, name)
     split = compute_epsilon(
@@ -98,7 +157,7 @@ def test_split_phase_equals_whole(name):
     assert split == whole
 
 
-@pytest.mark.parametrize("name", ["rdp", "prv"])
+@pytest.mark.parametrize("name", ["rdp", "prv", "pld"])
 def test_composition_is_order_free_and_exceeds_each_part(name):
     a, b = Phase(1.0, 0.01, 500), Phase(2.0, 0.05, 300)
     ab = compute_epsilon([a, b], DELTA, name)
@@ -121,7 +180,7 @@ def test_prv_is_tighter_than_rdp(sigma, q, steps):
     assert compute_epsilon(phases, DELTA, "prv") <= compute_epsilon(phases, DELTA, "rdp")
 
 
-@pytest.mark.parametrize("name", ["rdp", "prv", "gdp"])
+@pytest.mark.parametrize("name", ["rdp", "prv", "pld", "gdp"])
 def test_monotone_in_steps_and_noise(name):
     e = lambda s, t: compute_epsilon([Phase(s, 0.01, t)], DELTA, name)  # noqa: E731
     assert e(1.0, 100) < e(1.0, 1000) < e(1.0, 5000)
@@ -129,13 +188,13 @@ def test_monotone_in_steps_and_noise(name):
 
 
 # -- edge cases ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["rdp", "prv", "gdp"])
+@pytest.mark.parametrize("name", ["rdp", "prv", "pld", "gdp"])
 def test_no_releases_spend_nothing(name):
     assert compute_epsilon([], DELTA, name) == 0.0
     assert compute_epsilon([Phase(1.0, 0.1, 0)], DELTA, name) == 0.0
 
 
-@pytest.mark.parametrize("name", ["rdp", "prv", "gdp"])
+@pytest.mark.parametrize("name", ["rdp", "prv", "pld", "gdp"])
 def test_zero_noise_is_infinite_epsilon(name):
     assert compute_epsilon([Phase(1.0, 0.1, 10), Phase(0.0, 0.1, 1)], DELTA, name) == math.inf
 
@@ -151,8 +210,8 @@ def test_invalid_delta(delta):
 
 
 def test_unknown_accountant_lists_valid_names():
-    with pytest.raises(ConfigError, match="gdp, prv, rdp"):
-        compute_epsilon([], DELTA, "pld")
+    with pytest.raises(ConfigError, match="gdp, pld, prv, rdp"):
+        compute_epsilon([], DELTA, "moments")
 
 
 @pytest.mark.parametrize(

@@ -133,7 +133,7 @@ def test_state_dict_round_trip_is_exact():
         PrivacyLedger.from_state_dict({"events": []})
 
 
-@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+@pytest.mark.parametrize("accountant", ["rdp", "prv", "pld"])
 def test_per_step_budget_checks_compute_epsilon_rarely(monkeypatch, accountant):
     # Prepare: count the accountant evaluations the ledger makes
     import dpfl.accountants.ledger as ledger_module
@@ -159,8 +159,28 @@ def test_per_step_budget_checks_compute_epsilon_rarely(monkeypatch, accountant):
     assert len(calls) <= 4 * steps.bit_length() + (steps if accountant == "rdp" else 0) + 4
 
 
-def test_prv_events_without_budget_compute_epsilon_on_demand():
-    ledger = PrivacyLedger("prv", 1e-5)
+@pytest.mark.parametrize("accountant", ["prv", "pld"])
+def test_events_without_budget_compute_epsilon_on_demand(accountant):
+    ledger = PrivacyLedger(accountant, 1e-5)
     events = [ledger.record("a", 1.0, 0.01, 100) for _ in range(3)]
     assert all(e.epsilon_after is None for e in events)
-    assert ledger.epsilon("a") == compute_epsilon([Phase(1.0, 0.01, 300)], 1e-5, "prv")
+    assert ledger.epsilon("a") == compute_epsilon([Phase(1.0, 0.01, 300)], 1e-5, accountant)
+
+
+def test_equal_noise_at_another_sample_rate_is_a_new_phase():
+    # Prepare: same sigma, q rises from 0.01 to 0.2 (e.g. a larger batch)
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    from dpfl.accountants.rdp import ORDERS
+
+    ledger = PrivacyLedger("rdp", 1e-5)
+    # Execute
+    ledger.record("a", 1.0, 0.01, 200)
+    ledger.record("a", 1.0, 0.2, 10)
+    # Assert: two phases, and epsilon is Opacus' RDP of both (computed here phase by phase)
+    assert ledger.history("a") == [Phase(1.0, 0.01, 200), Phase(1.0, 0.2, 10)]
+    rdp = compute_rdp(q=0.01, noise_multiplier=1.0, steps=200, orders=ORDERS) + compute_rdp(
+        q=0.2, noise_multiplier=1.0, steps=10, orders=ORDERS
+    )
+    expected, _ = get_privacy_spent(orders=ORDERS, rdp=rdp, delta=1e-5)
+    assert ledger.epsilon("a") == pytest.approx(expected, rel=1e-9)

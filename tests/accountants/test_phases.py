@@ -25,6 +25,11 @@ def test_merge_drops_empty_and_joins_equal_neighbours():
     assert merged == [Phase(1.0, 0.1, 5), Phase(2.0, 0.1, 1), Phase(1.0, 0.1, 1)]
 
 
+def test_merge_keeps_phases_apart_that_differ_in_sample_rate_or_noise_only():
+    phases = [Phase(1.0, 0.1, 2), Phase(1.0, 0.2, 3), Phase(2.0, 0.2, 1), Phase(2.0, 0.2, 4)]
+    assert merge_phases(phases) == [Phase(1.0, 0.1, 2), Phase(1.0, 0.2, 3), Phase(2.0, 0.2, 5)]
+
+
 def test_phases_from_records_accepts_aliases_and_epochs():
     phases = phases_from_records(
         [

@@ -40,9 +40,9 @@ def test_epsilon_json_all_accountants(store_path):
     )
     assert result.exit_code == 0, result.output
     values = json.loads(result.stdout.strip().splitlines()[-1])
-    assert set(values) == {"rdp", "prv", "gdp"}
+    assert set(values) == {"rdp", "prv", "pld", "gdp"}
     assert values["rdp"] == pytest.approx(7.32911117143, abs=1e-9)
-    assert values["prv"] <= values["rdp"]
+    assert values["pld"] <= values["prv"] <= values["rdp"]
 
 
 def test_epsilon_table_and_recorded_run(store_path):
@@ -79,7 +79,7 @@ def test_epsilon_table_with_all(store_path):
         "epsilon", "-s", "1", "-q", "0.01", "-t", "500", "-a", "all", "--store", str(store_path)
     )
     assert result.exit_code == 0
-    for name in ("rdp", "prv", "gdp", "can underestimate"):
+    for name in ("rdp", "prv", "pld", "gdp", "can underestimate"):
         assert name in result.stdout
 
 
@@ -223,7 +223,7 @@ BAD = [
     (["epsilon", "-q", "0.1", "-t", "5"], "--sigma (noise multiplier) is required"),
     (["epsilon", "-s", "1", "-t", "5"], "--sample-rate is required"),
     (["epsilon", "-s", "abc", "-q", "0.1", "-t", "5"], "'abc' is not a valid float"),
-    (["epsilon", "-s", "1", "-q", "0.1", "-t", "5", "-a", "pld"], "'pld' is not one of"),
+    (["epsilon", "-s", "1", "-q", "0.1", "-t", "5", "-a", "moments"], "'moments' is not one of"),
     (["epsilon", "-s", "1", "-q", "0.1", "-t", "5", "--bogus"], "--bogus"),
     (["epsilon", "--phases", "missing.toml"], "cannot read phases file"),
     (["epsilon", "--phases", "p.toml", "-s", "1"], "either --phases or --sigma"),
