@@ -62,6 +62,7 @@ __all__ = [
     "alias_holder",
     "backend_errors",
     "backend_refusals",
+    "drop_last_record",
     "owned_parameters",
     "validate_model",
 ]
@@ -268,6 +269,11 @@ def _first_tensor(*objs: Any) -> Tensor | None:
     return None
 
 
+def drop_last_record(obj: Any, n: int) -> Any:
+    """``obj`` (tensors, tuples, dicts, ModelOutputs) without the last of its ``n`` records."""
+    return _map_batch(obj, n, lambda t: t[:-1])
+
+
 def _map_batch(obj: Any, n: int, fn: Callable[[Tensor], Tensor]) -> Any:
     """``obj`` with ``fn`` applied to every tensor whose leading dimension is ``n``."""
     if isinstance(obj, Tensor):
@@ -386,8 +392,8 @@ class BatchGuard:
         self.losses: int | None = None  # per-sample losses given to backward
         self._in_forward = False
         self._probing = False
-        self.used_outside_checked = False
-        self.probed_slices = False
+        self._probed_full = False
+        self._probed_slices = False
         self.calls: dict[int, int] = {}
         self.input_ranks: dict[int, int] = {}
         self._trace: list[tuple[int, Tensor]] = []
@@ -444,8 +450,8 @@ class BatchGuard:
         first = _first_tensor(args, kwargs)
         self.batch = None if first is None or first.dim() == 0 else int(first.shape[0])
         self.losses = None
-        if not self.used_outside_checked or (
-            not self.probed_slices and self.batch is not None and self.batch >= 2
+        if not self._probed_full or (
+            not self._probed_slices and self.batch is not None and self.batch >= 2
         ):
             self._probe(module, args, kwargs)
         self._in_forward = True
@@ -567,20 +573,17 @@ class BatchGuard:
                             "whose weight is the shared parameter), or freeze it"
                         )
                     self._check_ghost()
-                    self.used_outside_checked = True
+                    self._probed_full = True
                     if n is not None and n >= 2:
                         recorder.record = False
                         stack.clear()
                         full_trace, self._trace = self._trace, []
                         full_sizes, self._sizes = self._sizes, []
                         self.batch = n - 1
-                        fewer = model(
-                            *_map_batch(args, n, lambda t: t[:-1]),
-                            **_map_batch(kwargs, n, lambda t: t[:-1]),
-                        )
+                        fewer = model(*drop_last_record(args, n), **drop_last_record(kwargs, n))
                         self._check_sizes(full_sizes, n)
                         self._compare(full, fewer, n, full_trace)
-                        self.probed_slices = True
+                        self._probed_slices = True
         except IncompatibleModelError:
             raise
         except Exception as e:  # noqa: BLE001 - any failure of the probe is a refusal

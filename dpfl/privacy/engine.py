@@ -39,6 +39,7 @@ from dpfl.privacy.boundaries import (
     BatchGuard,
     backend_errors,
     backend_refusals,
+    drop_last_record,
     validate_model,
 )
 from dpfl.privacy.clipping import (
@@ -174,8 +175,15 @@ class PrivateTraining:
         """Once: a record's loss must not depend on the other records (in-batch negatives,
         a loss normalized over the batch): the loss of the batch without its last record must
         leave the others' losses unchanged."""
-        with torch.no_grad():
-            fewer = loss_fn(out[:-1], y[:-1])
+        n = int(losses.shape[0])
+        try:
+            with torch.no_grad():  # outputs may be ModelOutputs, targets dicts: slice what follows
+                fewer = loss_fn(drop_last_record(out, n), drop_last_record(y, n))
+        except Exception as e:  # noqa: BLE001 - an unprobeable loss is refused, not skipped
+            raise IncompatibleModelError(
+                f"the loss could not be evaluated without the batch's last record "
+                f"({type(e).__name__}: {e}); give outputs and targets with the batch first"
+            ) from None
         if fewer.shape != losses[:-1].shape or not torch.allclose(
             fewer.double(), losses[:-1].detach().double(), rtol=1e-4, atol=1e-6
         ):

@@ -319,3 +319,20 @@ def test_losses_and_rows_must_match_the_batch():
     pt.guard._forwarded = True
     with pytest.raises(IncompatibleModelError, match="produced 7 rows for 8"):
         pt.guard.check_rows(7)
+
+
+def test_the_loss_probe_slices_model_outputs_and_keeps_an_honest_loss():
+    # a Hugging Face model through train_step: its ModelOutput is sliced like a tensor
+    from tests.privacy.hard_models import cls_loss, tiny_bert
+
+    torch.manual_seed(0)
+    model = tiny_bert()
+    ids = torch.randint(1, 40, (8, 6))
+    y = torch.randint(0, 3, (8,))
+    loader = DataLoader(TensorDataset(ids, y), batch_size=4)
+    pt = make_private(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), loader, noise_multiplier=1.0, seed=0
+    )
+    loss = pt.train_step(ids[:4], y[:4], cls_loss)
+    assert math.isfinite(loss) and pt._loss_probed
+    assert len(pt.ledger.events) == 1
