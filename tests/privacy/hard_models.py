@@ -436,6 +436,20 @@ class EMANet(nn.Module):
         return self.head(self.ema(self.lin(x)))
 
 
+class StatsTracker(nn.Module):
+    """Accumulates a statistic of the batch in a buffer without using it: the outputs never
+    change, but the buffer is released with the model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 3)
+        self.register_buffer("seen", torch.zeros(6))
+
+    def forward(self, x):
+        self.seen.add_(x.detach().sum(0))
+        return self.lin(x)
+
+
 class DataWrite(nn.Module):
     """Moves a parameter in place from the batch (an un-noised update)."""
 
@@ -709,6 +723,7 @@ def refused_cases() -> dict[str, tuple]:
         "unused-trainable-parameter": (UnusedParameter, vec, labels, ce, ("bk", "hooks")),
         "mixes-only-in-train-mode": (TrainOnlyMix, vec, labels, ce, all4),
         "buffer-follows-the-batch": (EMANet, vec, labels, ce, all4),
+        "buffer-written-in-forward": (StatsTracker, vec, labels, ce, all4),
         "parameter-written-in-forward": (DataWrite, vec, labels, ce, all4),
         "functional-use-only-in-train-mode": (TrainOnlyTie, vec, labels, ce, all4),
         "parent-parameter-in-child-closure": (ClosureNet, vec, labels, ce, all4),
