@@ -13,6 +13,7 @@ run's privacy guarantee; ``dpfl runs show`` lists those apart.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import math
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from dpfl.errors import ConfigError, RunNotFoundError, StoreError
+from dpfl.jsonutil import dumps, jsonable
 from dpfl.store.schema import SCHEMA, SCHEMA_VERSION
 
 __all__ = ["RUN_STATUSES", "UNCOVERED_PREFIX", "RunHandle", "RunStore", "software_versions"]
@@ -389,6 +391,8 @@ class RunStore:
     def end_round(
         self, run_id: str, round: int, status: str = "completed", info: Mapping | None = None
     ) -> None:
+        """Ends round ``round``; ``info`` (what happened: sampled clients, dropped replies with their
+        reasons, why a round was skipped) is stored as strict JSON (:func:`dpfl.jsonutil.dumps`)."""
         if status not in ("completed", "skipped", "failed"):
             raise ConfigError(f"round status must be completed, skipped or failed, got {status!r}")
         with self.transaction() as c:
@@ -403,7 +407,7 @@ class RunStore:
                     status,
                     time.time(),
                     time.time(),
-                    None if info is None else json.dumps(info, default=str),
+                    None if info is None else dumps(info),
                 ),
             )
 
@@ -464,14 +468,48 @@ class RunStore:
             (run_id,),
         )
         for r in rows:
-            r["info"] = None if r["info"] is None else json.loads(r["info"])
+            r["info"] = _decode_info(r["info"])
         return rows
+
+    def dropped_replies(self, run_id: str) -> list[dict[str, Any]]:
+        """Every reply the server dropped, in round order: round, node, participant (None when
+        the reply did not name one) and reason."""
+        out = []
+        for r in self.rounds(run_id):
+            info = r["info"]
+            dropped = info.get("dropped") if isinstance(info, dict) else None
+            for d in dropped if isinstance(dropped, list) else []:
+                if isinstance(d, dict):
+                    out.append(
+                        {
+                            "round": r["round"],
+                            "node": d.get("node"),
+                            "participant": d.get("participant"),
+                            "reason": d.get("reason"),
+                        }
+                    )
+        return out
 
     def artifacts(self, run_id: str, *, with_data: bool = False) -> list[dict[str, Any]]:
         cols = "id, kind, name, round, media_type, sha256, created_at, length(data) AS size"
         if with_data:
             cols += ", data"
         return self._query(f"SELECT {cols} FROM artifacts WHERE run_id=? ORDER BY id", (run_id,))
+
+
+def _decode_info(text: str | None) -> Any:
+    """A round's info: JSON (as written since the store exists); a Python literal (a repr, as a
+    hand-edited or foreign row may hold) is read too; anything else is returned as the text."""
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    try:
+        return jsonable(ast.literal_eval(text))
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return text
 
 
 def _decode_run(row: dict[str, Any]) -> dict[str, Any]:
