@@ -39,8 +39,11 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 import tomli_w
 
 from dpfl.errors import ConfigError
+from dpfl.sources import resolve_data_source, resolve_model_source
 from dpfl.validation import (
     at_least,
+    at_most,
+    in_range,
     check_delta,
     check_epsilon,
     check_noise_multiplier,
@@ -229,6 +232,14 @@ class PrivacyConfig(_Section):
             )
 
 
+#: largest accepted learning rate (a larger one only overflows the parameters)
+MAX_LR = 1000.0
+#: largest seed: SQLite and torch hold it as a signed 64-bit integer
+MAX_SEED = 2**63 - 1
+#: longest training accepted (passes over the data; federated rounds)
+MAX_EPOCHS = 100_000.0
+MAX_ROUNDS = 1_000_000
+
 #: every name in dpfl.optim.OPTIMIZERS (a test keeps the two equal)
 OPTIMIZER_NAMES = (
     "sgd",
@@ -259,7 +270,11 @@ class OptimizerConfig(_Section):
     SECTION: ClassVar[str] = "optimizer"
 
     name: str = _opt("sgd", choices=OPTIMIZER_NAMES, doc="optimizer name (dpfl optimizers)")
-    lr: float = _opt(0.5, check=positive, doc="learning rate (DP-SGD scale; lower it without DP)")
+    lr: float | None = _opt(
+        None,
+        check=in_range(0, MAX_LR),
+        doc="learning rate; unset: the solver's default, with or without DP (dpfl optimizers)",
+    )
     momentum: float = _opt(0.0, check=in_unit_interval_closed_open, doc="momentum in [0, 1)")
     weight_decay: float = _opt(0.0, check=non_negative, doc="L2 weight decay")
     adam_lr: float | None = _opt(
@@ -287,8 +302,17 @@ class OptimizerConfig(_Section):
 class DataConfig(_Section):
     SECTION: ClassVar[str] = "data"
 
-    name: str = _opt("digits", doc="data set: embedded default or a loader name")
-    path: str | None = _opt(None, doc="local path for loaders that read files")
+    name: str = _opt(
+        "digits",
+        doc="data set: built-in (digits, mnist-5k), or how to read data.path: auto, npz, "
+        "folder, csv (README: Your own data and model)",
+    )
+    path: str | None = _opt(
+        None,
+        doc="own data: an .npz (x, y), an image folder (one sub-folder per class) or a CSV "
+        "file; made absolute; replaces the built-in data set",
+    )
+    label_column: str = _opt("label", doc="CSV files: the column that holds the labels")
     batch_size: int = _opt(128, check=at_least(1), doc="expected (logical) batch size")
     physical_batch_size: int | None = _opt(
         None, check=at_least(1), doc="largest batch held in memory (virtual steps above it)"
@@ -298,14 +322,28 @@ class DataConfig(_Section):
     def _validate(self) -> None:
         if not (0 < self.test_fraction < 1):
             raise ConfigError(f"data.test-fraction must be in (0, 1), got {self.test_fraction!r}")
+        name, path = resolve_data_source(self.name, self.path, self.label_column)
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "path", path)
 
 
 @dataclass(frozen=True)
 class ModelConfig(_Section):
     SECTION: ClassVar[str] = "model"
 
-    name: str = _opt("cnn", doc="model: embedded default or a hub/local name")
-    path: str | None = _opt(None, doc="local weights path")
+    name: str = _opt(
+        "cnn", doc="model: built-in (cnn, mlp), or factory (built by model.path's import string)"
+    )
+    path: str | None = _opt(
+        None,
+        doc="own model: an import string package.module:factory, or a state_dict checkpoint "
+        "(torch.save) loaded into model.name",
+    )
+
+    def _validate(self) -> None:
+        name, path = resolve_model_source(self.name, self.path)
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "path", path)
 
 
 @dataclass(frozen=True)
@@ -314,8 +352,24 @@ class TrainingConfig(_Section):
 
     SECTION: ClassVar[str] = "training"
 
-    epochs: float = _opt(10.0, check=positive, doc="passes over the data (in expectation)")
+    epochs: float = _opt(
+        10.0, check=in_range(0, MAX_EPOCHS), doc="passes over the data (in expectation)"
+    )
     max_steps: int | None = _opt(None, check=at_least(1), doc="stop after this many steps")
+    device: str = _opt(
+        "auto",
+        doc='where models train: "auto" (cuda if available, else cpu), "cpu", "cuda" or "cuda:N"',
+    )
+
+    def _validate(self) -> None:
+        d = self.device
+        ok = d in ("auto", "cpu", "cuda") or (
+            d.startswith("cuda:") and d[5:].isdigit() and str(int(d[5:])) == d[5:]
+        )
+        if not ok:
+            raise ConfigError(
+                f"training.device must be auto, cpu, cuda or cuda:N, got {self.device!r}"
+            )
 
 
 STRATEGIES = ("fedavg", "fedprox", "dp-fedavg", "median", "trimmed-mean")
@@ -336,12 +390,14 @@ class FederationConfig(_Section):
     SECTION: ClassVar[str] = "federation"
 
     num_clients: int = _opt(10, check=at_least(1), doc="clients (data partitions)")
-    rounds: int = _opt(5, check=at_least(1), doc="server rounds")
+    rounds: int = _opt(5, check=at_most(MAX_ROUNDS), doc="server rounds")
     fraction: float = _opt(1.0, doc="Poisson client sampling rate per round, in (0, 1]")
     clients_per_round: int | None = _opt(
         None, check=at_least(1), doc="fixed number of clients per round (not with user-level DP)"
     )
-    local_epochs: float = _opt(1.0, check=positive, doc="local passes per round")
+    local_epochs: float = _opt(
+        1.0, check=in_range(0, MAX_EPOCHS), doc="local passes per round"
+    )
     local_steps: int | None = _opt(None, check=at_least(1), doc="local steps per round (cap)")
     partition: str = _opt("iid", choices=("iid", "dirichlet", "classes"), doc="data split")
     dirichlet_alpha: float = _opt(0.5, check=positive, doc="Dirichlet concentration")
@@ -441,8 +497,12 @@ class Config:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ConfigError(f"name must be a non-empty string, got {self.name!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
+        if (
+            isinstance(self.seed, bool)
+            or not isinstance(self.seed, int)
+            or not 0 <= self.seed <= MAX_SEED
+        ):
+            raise ConfigError(f"seed must be an integer in [0, 2**63 - 1], got {self.seed!r}")
         user_dp = self.privacy.enabled and self.privacy.level == "user"
         if user_dp != (self.federation.strategy == "dp-fedavg"):
             raise ConfigError(

@@ -15,6 +15,8 @@ from dpfl.errors import ConfigError
 __all__ = [
     "Check",
     "at_least",
+    "at_most",
+    "in_range",
     "check_delta",
     "check_epsilon",
     "check_noise_multiplier",
@@ -63,6 +65,30 @@ def at_least(minimum: int) -> Check:
             raise ConfigError(f"{name} must be an integer, got {value!r}")
         if value < minimum:
             raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+    return check
+
+
+def at_most(maximum: int) -> Check:
+    """An integer check: 1 <= value <= maximum (lengths: a longer run would never finish)."""
+
+    def check(name: str, value: object) -> None:
+        at_least(1)(name, value)
+        if value > maximum:  # type: ignore[operator]
+            raise ConfigError(f"{name} must be an integer in [1, {maximum:g}], got {value!r}")
+
+    return check
+
+
+def in_range(low: float, high: float, *, low_open: bool = True) -> Check:
+    """A number in (low, high] (or [low, high] with ``low_open=False``)."""
+
+    def check(name: str, value: object) -> None:
+        v = _number(name, value)
+        ok = (low < v if low_open else low <= v) and v <= high
+        if not ok:
+            bracket = "(" if low_open else "["
+            raise ConfigError(f"{name} must be in {bracket}{low:g}, {high:g}], got {value!r}")
 
     return check
 

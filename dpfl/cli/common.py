@@ -3,22 +3,30 @@
 from __future__ import annotations
 
 import math
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
 __all__ = [
     "ConfigOption",
+    "DeviceOption",
     "JsonOption",
     "PlotOption",
     "SetOption",
     "StoreOption",
     "console",
+    "check_plot",
+    "fail",
     "err_console",
     "fmt_eps",
     "fmt_float",
+    "load_run_config",
+    "progress_reporter",
 ]
 
 console = Console(highlight=False, soft_wrap=True)
@@ -48,6 +56,30 @@ PlotOption = Annotated[
 ]
 
 
+DeviceOption = Annotated[
+    str | None,
+    typer.Option("--device", help="auto, cpu, cuda or cuda:N (training.device; default auto)."),
+]
+
+
+def fail(message: str, code: int = 1) -> None:
+    """Ends the command with ONE line ``dpfl: error: ...`` on stderr (exit 1: the run failed;
+    bad input raises a DpflError instead, which exits 2)."""
+    import click
+
+    click.echo(f"dpfl: error: {' '.join(str(message).split())}", err=True)
+    sys.exit(code)
+
+
+def check_plot(path: Path | None) -> None:
+    """Refuses a --plot path that cannot be written as an image, before any run starts."""
+    if path is None:
+        return
+    from dpfl.store.plot import check_plot_path
+
+    check_plot_path(path)
+
+
 def fmt_float(x: float | None, digits: int = 4) -> str:
     if x is None:
         return "-"
@@ -65,3 +97,75 @@ def fmt_eps(x: float | None) -> str:
     if math.isinf(x):
         return "inf (no privacy)"
     return f"{x:.4f}"
+
+
+def load_run_config(path: Path | None, overrides: list[str], default: Path | None = None):
+    """(config, explicitly set dotted keys) from a TOML file (or ``default``) and ``--set``s."""
+    from dpfl.config import load_config
+    from dpfl.preflight import explicit_keys
+
+    source = path or default
+    cfg = load_config(source, overrides)
+    data: dict[str, Any] = {}
+    if path is not None:  # the default file is ours: its keys are not the user's
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # pragma: no cover
+            import tomli as tomllib
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    return cfg, explicit_keys(data, overrides)
+
+
+class _Lines:
+    """Progress as plain lines (no terminal, or --json): one per epoch / round."""
+
+    def __init__(self, console_: Console) -> None:
+        self.console = console_
+
+    def update(self, **_: Any) -> None:
+        pass
+
+    def line(self, text: str) -> None:
+        self.console.print(text, markup=False, highlight=False)
+
+
+class _Bar:
+    """A rich progress bar on a terminal; epoch / round lines are not printed."""
+
+    def __init__(self, progress, task) -> None:
+        self.progress, self.task = progress, task
+
+    def update(self, **fields: Any) -> None:
+        self.progress.update(self.task, **fields)
+
+    def line(self, text: str) -> None:
+        pass
+
+
+@contextmanager
+def progress_reporter(label: str, fields: dict[str, str], as_json: bool) -> Iterator[Any]:
+    """A progress bar on an interactive terminal; otherwise one plain line per epoch / round
+    (on stderr under ``--json``, whose stdout is the one JSON object; else on stdout)."""
+    if as_json or not err_console.is_terminal:
+        yield _Lines(err_console if as_json else console)
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    shown = "  ".join(f"{k} {{task.fields[{k}]}}" for k in fields)
+    progress = Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(shown),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    )
+    with progress:
+        yield _Bar(progress, progress.add_task(label, total=None, **fields))

@@ -8,25 +8,25 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from dpfl.cli.common import (
     DEFAULT_STORE,
     ConfigOption,
+    DeviceOption,
     JsonOption,
     PlotOption,
     SetOption,
     StoreOption,
+    check_plot,
     console,
-    err_console,
+    fail,
     fmt_eps,
+    load_run_config,
+    progress_reporter,
 )
 from dpfl.cli.main import app
-from dpfl.config import load_config
 from dpfl.errors import ConfigError, StoreError
 from dpfl.jsonutil import dumps
-from dpfl.store import RunStore
 
 #: used when no --config is given: MNIST-5k, 10 clients, sample-level DP at epsilon 8
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "defaults" / "simulate.toml"
@@ -40,6 +40,7 @@ def simulate(
         str | None,
         typer.Option("--resume", help="Continue a killed run from its last completed round."),
     ] = None,
+    device: DeviceOption = None,
     as_json: JsonOption = False,
     plot: PlotOption = None,
     store: StoreOption = DEFAULT_STORE,
@@ -47,47 +48,46 @@ def simulate(
     """Federated training on Flower (in-process engine by default; federation.backend=ray).
 
     Without --config: MNIST-5k over 10 clients, sample-level DP at epsilon 8 per client.
+    Every config key can be set with --set (list them: dpfl config show).
     """
+    from dpfl.preflight import check_simulate
     from dpfl.simulation.runner import resume_state
     from dpfl.simulation.runner import simulate as run_simulation
+    from dpfl.store import RunStore
 
     if resume is not None and not store.exists():
         raise StoreError(f"no run store at {store} (use --store PATH)")
+    check_plot(plot)
+    sets = list(overrides or [])
+    if device is not None:
+        sets.append(f"training.device={device!r}")
     with RunStore(store) as s:
         if resume is not None:
-            if config is not None or overrides:
+            if config is not None or sets:
                 raise ConfigError(
-                    "--resume continues a run with its own config; drop --config/--set"
+                    "--resume continues a run with its own config; drop --config/--set/--device"
                 )
             run_id = s.resolve_run_id(resume)
             cfg, state = resume_state(s, run_id)
             run = s.reopen_run(run_id)
         else:
-            cfg, state = load_config(config or DEFAULT_CONFIG, overrides or []), None
+            cfg, explicit = load_run_config(config, sets, DEFAULT_CONFIG)
+            state = None
+            check_simulate(cfg, explicit)  # refused before the run exists in the store
             run = s.create_run("simulate", cfg.to_dict(), name=cfg.name, seed=cfg.seed)
-        progress = Progress(
-            TextColumn("[bold]round"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("acc {task.fields[acc]}  eps {task.fields[eps]}"),
-            TimeElapsedColumn(),
-            console=err_console,
-            disable=as_json,
-            transient=True,
-        )
-        with s.tracking(run), progress:
+        fields = {"acc": "-", "eps": "-"}
+        with s.tracking(run), progress_reporter("round", fields, as_json) as report:
             first = 0 if state is None else state.round
-            task = progress.add_task(
-                "rounds", total=cfg.federation.rounds, completed=first, acc="-", eps="-"
-            )
+            report.update(total=cfg.federation.rounds, completed=first)
 
             def on_round(r: int, row: dict[str, float]) -> None:
                 eps = row.get("epsilon-max", math.nan)
-                progress.update(
-                    task,
-                    completed=r,
-                    acc=f"{row['accuracy']:.3f}",
-                    eps="inf" if math.isinf(eps) else f"{eps:.2f}",
+                shown = "inf" if math.isinf(eps) else f"{eps:.2f}"
+                report.update(completed=r, acc=f"{row['accuracy']:.3f}", eps=shown)
+                eps_text = f"  epsilon max {shown}" if cfg.privacy.enabled else ""
+                report.line(
+                    f"round {r}/{cfg.federation.rounds}  accuracy {row['accuracy']:.4f}  "
+                    f"loss {row['loss']:.4f}  clients {int(row['clients'])}{eps_text}"
                 )
 
             result = run_simulation(cfg, run, resume=state, on_round=on_round)
@@ -108,7 +108,12 @@ def simulate(
             "epsilon": eps,
             "noise_multiplier": result.noise_multiplier,
         }
-        run.finish("completed", summary=summary)
+        failed = result.stopped in ("failed", "diverged", "no-progress")
+        if failed:
+            summary["error"] = result.message
+            run.finish("failed", error=result.message, summary=summary)
+        else:
+            run.finish("completed", summary=summary)
         if plot is not None:
             from dpfl.store import run_to_dict
             from dpfl.store.plot import plot_run
@@ -117,11 +122,19 @@ def simulate(
 
     if as_json:
         console.print(dumps(summary), markup=False)
-        return
+    else:
+        _table(cfg, run.run_id, result, summary)
+    if failed:
+        fail(result.message or result.stopped, code=1)
+
+
+def _table(cfg, run_id: str, result, summary) -> None:
+    from rich.table import Table
+
     f = cfg.federation
     table = Table(
         title=f"dpfl simulate: {cfg.data.name}, {f.num_clients} clients, "
-        f"{f.strategy} (run {run.run_id})"
+        f"{f.strategy} (run {run_id})"
     )
     table.add_column("metric")
     table.add_column("value", justify="right")

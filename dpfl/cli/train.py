@@ -7,24 +7,25 @@ from enum import Enum
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from dpfl.cli.common import (
     DEFAULT_STORE,
     ConfigOption,
+    DeviceOption,
     JsonOption,
     PlotOption,
     SetOption,
     StoreOption,
+    check_plot,
     console,
-    err_console,
+    fail,
     fmt_eps,
+    load_run_config,
+    progress_reporter,
 )
 from dpfl.cli.main import app
-from dpfl.config import load_config
+from dpfl.errors import ConfigError
 from dpfl.jsonutil import dumps
-from dpfl.store import RunStore
 
 
 class Clipping(str, Enum):
@@ -67,16 +68,27 @@ def train(
         bool,
         typer.Option(
             "--non-private",
-            help="Train without DP (baseline; lower optimizer.lr to ~0.2: the default is for DP).",
+            help="Train without DP (a baseline; the solver's non-DP learning rate is used).",
         ),
     ] = False,
+    device: DeviceOption = None,
     as_json: JsonOption = False,
     plot: PlotOption = None,
     store: StoreOption = DEFAULT_STORE,
 ) -> None:
     """Centralized DP-SGD training (default: scikit-learn digits, small CNN)."""
-    from dpfl.clients.central import train_central
+    """Centralized DP-SGD training (default: scikit-learn digits, small CNN).
 
+    Every config key can be set with --set (list them: dpfl config show).
+    """
+    from dpfl.clients.central import train_central
+    from dpfl.preflight import check_train
+    from dpfl.store import RunStore
+
+    if non_private and (epsilon is not None or clipping is not None or grad_sample is not None):
+        flags = (("--epsilon", epsilon), ("--clipping", clipping), ("--grad-sample", grad_sample))
+        given = [n for n, v in flags if v is not None]
+        raise ConfigError(f"{', '.join(given)} with --non-private: choose one")
     sets = list(overrides or [])
     if clipping is not None:
         sets.append(f"privacy.clipping='{clipping.value}'")
@@ -88,29 +100,29 @@ def train(
         sets.append(f"training.epochs={epochs!r}")
     if optimizer is not None:
         sets.append(f"optimizer.name={optimizer!r}")
+    if device is not None:
+        sets.append(f"training.device={device!r}")
     if non_private:
-        sets += ["privacy.enabled=false"]
-    cfg = load_config(config, sets)
+        sets.append("privacy.enabled=false")
+    cfg, explicit = load_run_config(config, sets)
+    check_plot(plot)
+    check_train(cfg, explicit)  # everything that can be refused is refused before the run exists
 
     with RunStore(store) as s, s.run("train", cfg.to_dict(), name=cfg.name, seed=cfg.seed) as run:
-        progress = Progress(
-            TextColumn("[bold]train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"),
-            TimeElapsedColumn(),
-            console=err_console,
-            disable=as_json,
-            transient=True,
-        )
-        with progress:
-            task = progress.add_task("train", total=None, loss="-")
+        with progress_reporter("train", {"loss": "-"}, as_json) as report:
 
             def on_step(step: int, planned: int, loss: float) -> None:
                 shown = "-" if math.isnan(loss) else f"{loss:.3f}"
-                progress.update(task, completed=step, total=planned, loss=shown)
+                report.update(completed=step, total=planned, loss=shown)
 
-            result = train_central(cfg, run, on_step)
+            def on_epoch(epoch: int, m: dict[str, float]) -> None:
+                eps = "" if not cfg.privacy.enabled else f"  epsilon {m['epsilon']:.3f}"
+                report.line(
+                    f"epoch {epoch}  test accuracy {m['test_accuracy']:.4f}  "
+                    f"test loss {m['test_loss']:.4f}{eps}"
+                )
+
+            result = train_central(cfg, run, on_step, on_epoch)
         summary = {
             "run": run.run_id,
             "accuracy": result.accuracy,
@@ -118,6 +130,7 @@ def train(
             "epsilon": result.epsilon,
             "delta": result.delta,
             "noise_multiplier": result.noise_multiplier,
+            "lr": result.lr,
             "steps": result.train.steps,
             "steps_planned": result.steps_planned,
             "stopped": result.train.stopped,
@@ -125,7 +138,11 @@ def train(
             "clipping": cfg.privacy.clipping if cfg.privacy.enabled else "none",
             "grad_sample_mode": cfg.privacy.grad_sample_mode if cfg.privacy.enabled else "none",
         }
-        run.finish("completed", summary=summary)
+        failed = result.train.stopped in ("diverged", "no-progress")
+        if failed:
+            run.finish("failed", error=result.train.budget_message, summary=summary)
+        else:
+            run.finish("completed", summary=summary)
         if plot is not None:
             from dpfl.store import run_to_dict
             from dpfl.store.plot import plot_run
@@ -134,8 +151,16 @@ def train(
 
     if as_json:
         console.print(dumps(summary), markup=False)
-        return
-    table = Table(title=f"dpfl train: {cfg.data.name} / {cfg.model.name} (run {run.run_id})")
+    else:
+        _table(cfg, run.run_id, result, summary)
+    if failed:
+        fail(result.train.budget_message or result.train.stopped, code=1)
+
+
+def _table(cfg, run_id: str, result, summary) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"dpfl train: {cfg.data.name} / {cfg.model.name} (run {run_id})")
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_row("test accuracy", f"{result.accuracy:.4f}")
@@ -145,11 +170,12 @@ def train(
     )
     if result.noise_multiplier is not None:
         table.add_row("noise multiplier", f"{result.noise_multiplier:.4f}")
+    table.add_row("optimizer / lr", f"{cfg.optimizer.name} / {result.lr:g}")
     table.add_row("clipping / backend", f"{summary['clipping']} / {summary['grad_sample_mode']}")
     table.add_row(
         "steps", f"{result.train.steps} of {result.steps_planned} ({result.train.stopped})"
     )
     table.add_row("time", f"{result.train.seconds:.1f}s")
     console.print(table)
-    if result.train.budget_message:
+    if result.train.budget_message and result.train.stopped == "budget":
         console.print(f"stopped: {result.train.budget_message}", markup=False)

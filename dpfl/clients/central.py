@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dpfl.accountants import steps_for_epochs
+from dpfl.clients.monitor import TrainingMonitor
 from dpfl.clients.local_train import (
     LocalTrainResult,
     evaluate,
@@ -19,6 +20,7 @@ from dpfl.clients.local_train import (
 )
 from dpfl.config import Config
 from dpfl.data import load_dataset
+from dpfl.device import resolve_device
 from dpfl.models import create_model
 from dpfl.optim import create_optimizer
 from dpfl.privacy import PrivateTraining, make_private
@@ -63,36 +65,59 @@ class CentralResult:
     noise_multiplier: float | None
     train: LocalTrainResult
     steps_planned: int
+    lr: float | None = None  # the learning rate used (the solver's default unless set)
 
 
 def train_central(
     cfg: Config,
     run: RunHandle | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> CentralResult:
     """Trains ``cfg.model`` on ``cfg.data`` with the configured privacy; records to ``run``.
 
-    ``on_step(step, planned, loss)`` reports progress.
+    ``on_step(step, planned, loss)`` reports progress, ``on_epoch(epoch, metrics)`` the held-out
+    evaluation after each epoch (``test_accuracy``, ``test_loss``, ``epsilon``, ``step``). A run that diverges stops early and one
+    that makes no progress is reported as such (``result.train.stopped``, see
+    :mod:`dpfl.clients.monitor`).
     """
     torch.manual_seed(cfg.seed)
     data = load_dataset(cfg.data, cfg.seed)
     model = create_model(
         cfg.model, channels=data.channels, image_size=data.image_size, num_classes=data.num_classes
     )
-    optimizer = create_optimizer(cfg.optimizer, model)
+    model.to(resolve_device(cfg.training.device))
+    optimizer = create_optimizer(cfg.optimizer, model, private=cfg.privacy.enabled)
     loader = DataLoader(data.train, batch_size=cfg.data.batch_size, shuffle=True)
-    q = min(cfg.data.batch_size / len(data.train), 1.0)
-    planned = steps_for_epochs(cfg.training.epochs, q)
-    if cfg.training.max_steps is not None:
-        planned = min(planned, cfg.training.max_steps)
+    planned = planned_steps(cfg, len(data.train))
+    monitor = TrainingMonitor(evaluate(model, data.test)[0], lr=optimizer.param_groups[0]["lr"])
 
     def log_epoch(epoch: int, model_: torch.nn.Module, eps: float) -> None:
         loss, acc = evaluate(model_, data.test)
         if run is not None:
-            run.log_metrics({"test_accuracy": acc, "test_loss": loss, "epsilon": eps}, round=epoch)
+            metrics = {"test_accuracy": acc, "test_loss": loss}
+            if cfg.privacy.enabled:
+                metrics["epsilon"] = eps
+            run.log_metrics(metrics, round=epoch)
+        if on_epoch is not None:
+            on_epoch(epoch, {"test_accuracy": acc, "test_loss": loss, "epsilon": eps})
+        monitor.check_loss(loss, f"epoch {epoch}")
+
+    def step_hook(step: int, loss: float) -> None:
+        monitor.check_parameters(model, step)
+        if on_step is not None:
+            on_step(step, planned, loss)
 
     if not cfg.privacy.enabled:
-        return _train_non_private(cfg, model, optimizer, loader, planned, run, on_step, data)
+        result = train_non_private(
+            model,
+            optimizer,
+            loader,
+            planned,
+            step_hook,
+            lambda e: log_epoch(e, model, math.inf),
+        )
+        return _finish(cfg, model, data, run, monitor, result, math.inf, None, planned)
 
     kwargs = privacy_kwargs(cfg)
     pt: PrivateTraining = make_private(
@@ -109,32 +134,33 @@ def train_central(
         result = train_private(
             pt,
             max_steps=planned,
-            on_step=None if on_step is None else (lambda s, loss: on_step(s, planned, loss)),
+            on_step=step_hook,
             on_epoch=lambda e: log_epoch(e, pt.model, pt.epsilon()),
         )
     finally:
         pt.detach()
-    loss, acc = evaluate(model, data.test)
-    eps = pt.epsilon()
-    if run is not None:
-        run.log_metrics(
-            {"test_accuracy": acc, "test_loss": loss, "epsilon": eps, "steps": result.steps},
-            scope="final",
-        )
-    return CentralResult(acc, loss, eps, cfg.privacy.delta, pt.noise_multiplier, result, planned)
+    return _finish(cfg, model, data, run, monitor, result, pt.epsilon(), pt.noise_multiplier, planned)
 
 
-def _train_non_private(cfg, model, optimizer, loader, planned, run, on_step, data) -> CentralResult:
-    result = train_non_private(
-        model,
-        optimizer,
-        loader,
-        planned,
-        None if on_step is None else (lambda s, loss: on_step(s, planned, loss)),
-    )
+def planned_steps(cfg: Config, n_train: int) -> int:
+    """Logical steps of a central run: ``training.epochs / q`` (capped by ``max-steps``)."""
+    q = min(cfg.data.batch_size / n_train, 1.0)
+    planned = steps_for_epochs(cfg.training.epochs, q)
+    if cfg.training.max_steps is not None:
+        planned = min(planned, cfg.training.max_steps)
+    return planned
+
+
+def _finish(cfg, model, data, run, monitor, result, eps, sigma, planned) -> CentralResult:
     loss, acc = evaluate(model, data.test)
+    if result.stopped == "completed":
+        verdict = monitor.final(loss)
+        if verdict is not None:
+            result.stopped, result.budget_message = verdict
     if run is not None:
-        run.log_metrics(
-            {"test_accuracy": acc, "test_loss": loss, "steps": result.steps}, scope="final"
-        )
-    return CentralResult(acc, loss, math.inf, cfg.privacy.delta, None, result, planned)
+        final = {"test_accuracy": acc, "test_loss": loss, "steps": result.steps}
+        if cfg.privacy.enabled:
+            final["epsilon"] = eps
+        run.log_metrics(final, scope="final")
+    lr = monitor.lr
+    return CentralResult(acc, loss, eps, cfg.privacy.delta, sigma, result, planned, lr)

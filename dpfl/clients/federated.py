@@ -86,17 +86,26 @@ class ClientResult:
     optimizer_state: bytes | None = None  # with optimizer.local-state = "persist"
 
 
+def _source(cfg: Config) -> tuple[str, str | None, str]:
+    """What names the data set: a built-in name, or a reader, a file and its label column."""
+    return cfg.data.name, cfg.data.path, cfg.data.label_column
+
+
 @functools.lru_cache(maxsize=8)
-def _dataset(name: str, test_fraction: float, seed: int):
+def _dataset(source: tuple[str, str | None, str], test_fraction: float, seed: int):
     from dpfl.config import DataConfig
 
-    return load_dataset(DataConfig(name=name, test_fraction=test_fraction), seed)
+    name, path, label_column = source
+    return load_dataset(
+        DataConfig(name=name, path=path, label_column=label_column, test_fraction=test_fraction),
+        seed,
+    )
 
 
 @functools.lru_cache(maxsize=8)
 def _partitions(cfg_key: tuple) -> list[np.ndarray]:
-    name, test_fraction, seed, k, scheme, alpha, cpc = cfg_key
-    data = _dataset(name, test_fraction, seed)
+    source, test_fraction, seed, k, scheme, alpha, cpc = cfg_key
+    data = _dataset(source, test_fraction, seed)
     labels = data.train.tensors[1].numpy()
     return partition_indices(labels, k, scheme, alpha=alpha, classes_per_client=cpc, seed=seed)
 
@@ -107,7 +116,7 @@ def client_datasets(cfg: Config, partition_id: int) -> tuple[TensorDataset | Sub
     if not (0 <= partition_id < f.num_clients):
         raise ConfigError(f"partition-id {partition_id} outside 0..{f.num_clients - 1}")
     key = (
-        cfg.data.name,
+        _source(cfg),
         cfg.data.test_fraction,
         cfg.seed,
         f.num_clients,
@@ -116,7 +125,7 @@ def client_datasets(cfg: Config, partition_id: int) -> tuple[TensorDataset | Sub
         f.classes_per_client,
     )
     idx = _partitions(key)[partition_id]
-    data = _dataset(cfg.data.name, cfg.data.test_fraction, cfg.seed)
+    data = _dataset(_source(cfg), cfg.data.test_fraction, cfg.seed)
     train_idx, test_idx = train_test_split_indices(
         idx, f.client_test_fraction, cfg.seed + partition_id
     )
@@ -124,7 +133,7 @@ def client_datasets(cfg: Config, partition_id: int) -> tuple[TensorDataset | Sub
 
 
 def _model(cfg: Config) -> torch.nn.Module:
-    data = _dataset(cfg.data.name, cfg.data.test_fraction, cfg.seed)
+    data = _dataset(_source(cfg), cfg.data.test_fraction, cfg.seed)
     return create_model(
         cfg.model, channels=data.channels, image_size=data.image_size, num_classes=data.num_classes
     )
@@ -160,7 +169,9 @@ def _seed(cfg: Config, server_round: int, partition_id: int, secret: int | None 
 def _optimizer(
     cfg: Config, model: torch.nn.Module, global_state: dict, saved: bytes | None = None
 ) -> torch.optim.Optimizer:
-    opt = create_optimizer(cfg.optimizer, model)
+    # under user-level DP the local solver trains without noise (the server adds it)
+    private = cfg.privacy.enabled and cfg.privacy.level == "sample"
+    opt = create_optimizer(cfg.optimizer, model, private=private)
     if saved is not None and cfg.optimizer.local_state == "persist":
         opt.load_state_dict(torch.load(io.BytesIO(saved), weights_only=False))
     if cfg.federation.strategy == "fedprox" and cfg.federation.proximal_mu > 0:

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from dpfl.accountants import steps_for_epochs
+from dpfl.clients.monitor import StopTraining
 from dpfl.errors import PrivacyBudgetError
 from dpfl.privacy import PrivateTraining
 
@@ -38,11 +39,11 @@ def cross_entropy_per_sample(output: torch.Tensor, target: torch.Tensor) -> torc
 @dataclass
 class LocalTrainResult:
     steps: int
-    stopped: str  # "completed" | "budget"
+    stopped: str  # "completed" | "budget" | "diverged" | "no-progress"
     mean_loss: float
     epsilon: float
     seconds: float
-    budget_message: str | None = None
+    budget_message: str | None = None  # why it stopped early (budget, divergence)
 
 
 def train_private(
@@ -57,7 +58,8 @@ def train_private(
     """Trains for ``epochs`` expected passes (or ``max_steps`` steps, whichever is smaller).
 
     ``on_step(step, loss)`` is called after each step, ``on_epoch(epoch)`` after each full pass
-    of the loader (1/q steps).
+    of the loader (1/q steps). Either may raise :class:`~dpfl.clients.monitor.StopTraining` to
+    end the run with its status (a diverging run).
     """
     planned = max_steps if epochs is None else steps_for_epochs(epochs, pt.sample_rate)
     if max_steps is not None:
@@ -77,16 +79,24 @@ def train_private(
             steps += 1
             if not math.isnan(loss):
                 loss_sum, loss_n = loss_sum + loss, loss_n + 1
-            if on_step is not None:
-                on_step(steps, loss)
+            try:
+                if on_step is not None:
+                    on_step(steps, loss)
+            except StopTraining as e:
+                stopped, message = e.status, e.message
+                break
             if steps >= planned:
                 break
         else:
             epoch += 1
-            if on_epoch is not None:
-                on_epoch(epoch)
+            try:
+                if on_epoch is not None:
+                    on_epoch(epoch)
+            except StopTraining as e:
+                stopped, message = e.status, e.message
+                break
             continue
-        if stopped == "budget":
+        if stopped != "completed":
             break
     return LocalTrainResult(
         steps=steps,
@@ -104,25 +114,47 @@ def train_non_private(
     loader: DataLoader,
     steps: int,
     on_step: Callable[[int, float], None] | None = None,
+    on_epoch: Callable[[int], None] | None = None,
 ) -> LocalTrainResult:
     """Plain minibatch training for ``steps`` steps (cycling the loader): baselines, and the
-    local solver of clients whose privacy is provided elsewhere (user-level DP-FedAvg)."""
+    local solver of clients whose privacy is provided elsewhere (user-level DP-FedAvg).
+
+    ``on_step`` and ``on_epoch`` as in :func:`train_private`."""
     start, done, loss_sum = time.perf_counter(), 0, 0.0
+    stopped, message, epoch = "completed", None, 0
+    device = _device_of(model)
     model.train()
-    while done < steps:
+    while done < steps and stopped == "completed":
         for x, y in loader:
+            x, y = x.to(device), y.to(device)
             optimizer.zero_grad()
             loss = cross_entropy_per_sample(model(x), y).mean()
             loss.backward()
             optimizer.step()
             done, loss_sum = done + 1, loss_sum + float(loss.detach())
-            if on_step is not None:
-                on_step(done, float(loss.detach()))
+            try:
+                if on_step is not None:
+                    on_step(done, float(loss.detach()))
+            except StopTraining as e:
+                stopped, message = e.status, e.message
+                break
             if done >= steps:
                 break
+        else:
+            epoch += 1
+            try:
+                if on_epoch is not None:
+                    on_epoch(epoch)
+            except StopTraining as e:
+                stopped, message = e.status, e.message
     return LocalTrainResult(
-        done, "completed", loss_sum / max(done, 1), math.inf, time.perf_counter() - start
+        done, stopped, loss_sum / max(done, 1), math.inf, time.perf_counter() - start, message
     )
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return torch.device("cpu") if p is None else p.device
 
 
 @torch.no_grad()
@@ -130,8 +162,10 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 512) -> tuple
     """(mean cross-entropy, accuracy) of a classifier on ``dataset``."""
     was_training = model.training
     model.eval()
+    device = _device_of(model)
     total_loss, correct, n = 0.0, 0, 0
     for x, y in DataLoader(dataset, batch_size=batch_size):
+        x, y = x.to(device), y.to(device)
         out = model(x)
         total_loss += float(F.cross_entropy(out, y, reduction="sum"))
         correct += int((out.argmax(1) == y).sum())

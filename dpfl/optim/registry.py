@@ -6,6 +6,7 @@ param group per role (:func:`dpfl.optim.roles.role_param_groups`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import torch
@@ -16,6 +17,7 @@ from dpfl.config import OptimizerConfig
 from dpfl.errors import ConfigError
 from dpfl.optim.auon import AuON
 from dpfl.optim.conda import Conda
+from dpfl.optim.defaults import default_lr
 from dpfl.optim.drop_muon import DropMuon
 from dpfl.optim.frugal import FRUGAL
 from dpfl.optim.muon import MuonHybrid
@@ -140,10 +142,16 @@ DESCRIPTIONS = {
 }
 
 
-def create_optimizer(cfg: OptimizerConfig, model: nn.Module) -> Optimizer:
+def create_optimizer(cfg: OptimizerConfig, model: nn.Module, *, private: bool = True) -> Optimizer:
     """The optimizer named ``cfg.name`` over ``model``'s trainable parameters, with
-    ``cfg.options`` (a JSON object) as extra constructor arguments."""
+    ``cfg.options`` (a JSON object) as extra constructor arguments.
+
+    An unset ``cfg.lr`` is the solver's default learning rate for DP-SGD (``private``: the solver
+    sees clipped, noised mean gradients) or for plain training (:mod:`dpfl.optim.defaults`).
+    """
     factory = OPTIMIZERS.get(cfg.name)
+    if cfg.lr is None:
+        cfg = dataclasses.replace(cfg, lr=default_lr(cfg.name, private=private))
     options = json.loads(cfg.options)
     try:
         return factory(model, cfg, **options)

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 
 from dpfl.accountants import PrivacyLedger, calibrate_noise, steps_for_epochs
 from dpfl.accountants.ledger import Sink
+from dpfl.device import to_device
 from dpfl.errors import ConfigError, IncompatibleModelError
 from dpfl.privacy.boundaries import (
     BatchGuard,
@@ -156,6 +157,8 @@ class PrivateTraining:
         """
         self.model.train()
         self.optimizer.zero_grad()
+        device = _model_device(self.model)
+        x, y = to_device(x, device), to_device(y, device)
         n = x.shape[0]
         size = self.physical_batch_size or max(n, 1)
         total = 0.0
@@ -228,6 +231,11 @@ class PrivateTraining:
         self.backend.detach()
         if self.guard is not None:
             self.guard.detach()
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return torch.device("cpu") if p is None else p.device
 
 
 def make_private(

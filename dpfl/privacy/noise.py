@@ -44,11 +44,15 @@ def gaussian_like(
     if secure:
         z = _secure_standard_normal(reference.numel()).reshape(tuple(reference.shape))
         return torch.from_numpy(z).to(dtype=reference.dtype, device=reference.device).mul_(std)
-    return torch.normal(
+    # drawn where the generator lives (the private step's is on the CPU), then moved: a seeded
+    # run gets the same noise on every device
+    device = reference.device if generator is None else generator.device
+    noise = torch.normal(
         mean=0.0,
         std=std,
         size=tuple(reference.shape),
         generator=generator,
         dtype=reference.dtype,
-        device=reference.device,
+        device=device,
     )
+    return noise.to(reference.device)

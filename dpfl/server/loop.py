@@ -35,6 +35,7 @@ from flwr.serverapp import Grid
 from dpfl.accountants import PrivacyLedger, calibrate_noise
 from dpfl.clients.federated import client_datasets
 from dpfl.clients.local_train import evaluate
+from dpfl.clients.monitor import StopTraining, TrainingMonitor
 from dpfl.config import Config
 from dpfl.data import load_dataset
 from dpfl.errors import PrivacyBudgetError
@@ -72,6 +73,7 @@ class FederationResult:
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
     noise_multiplier: float | None = None
+    message: str | None = None  # why the run stopped early or failed (stopped != completed)
 
 
 def sample_clients(cfg: Config, nodes: list[int], server_round: int) -> list[int]:
@@ -155,8 +157,10 @@ def run_rounds(
     flat_config = cfg.to_flat()
     nodes = sorted(grid.get_node_ids())
     history: list[dict[str, float]] = []
-    stopped, completed = "completed", first - 1
+    stopped, completed, message = "completed", first - 1, None
     loss, acc = evaluate(_load(model, global_state), data.test)
+    monitor = TrainingMonitor(loss)  # on the server's held-out set: released models only
+    drops: dict[str, int] = {}
 
     for r in range(first, cfg.federation.rounds + 1):
         if run is not None:
@@ -196,6 +200,7 @@ def run_rounds(
                 info["dropped"].append(
                     {"node": n, "participant": participants.get(n), "reason": reason}
                 )
+                drops[reason] = drops.get(reason, 0) + 1
             else:
                 valid.append(reply)
         if run is not None and cfg.federation.client_diagnostics:
@@ -214,9 +219,13 @@ def run_rounds(
             global_state = strategy.aggregate(global_state, valid, r)
         except PrivacyBudgetError as e:
             _end(run, r, "skipped", info | {"reason": f"privacy budget: {e}"})
-            stopped = "budget"
+            stopped, message = "budget", str(e)
             break
         loss, acc = evaluate(_load(model, global_state), data.test)
+        try:
+            monitor.check_loss(loss, f"round {r}")
+        except StopTraining as e:
+            stopped, message = e.status, e.message
         eps = _epsilons(ledger, user_dp)
         row = {
             "accuracy": acc,
@@ -243,7 +252,17 @@ def run_rounds(
         completed = r
         if on_round is not None:
             on_round(r, row)
+        if stopped != "completed":
+            break
 
+    if stopped == "completed" and completed < first:
+        common = max(drops, key=drops.get) if drops else "no client was sampled"
+        stopped = "failed"
+        message = f"no round aggregated a valid reply (most common reason: {common})"
+    elif stopped == "completed":
+        verdict = monitor.final(loss)
+        if verdict is not None:
+            stopped, message = verdict
     return FederationResult(
         rounds_completed=completed,
         accuracy=acc,
@@ -253,6 +272,7 @@ def run_rounds(
         seconds=time.perf_counter() - start_time,
         history=history,
         noise_multiplier=z,
+        message=message,
     )
 
 

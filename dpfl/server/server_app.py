@@ -30,8 +30,10 @@ def main(grid: Grid, context: Context) -> None:
         store.run("simulate", cfg.to_dict(), name=cfg.name, seed=cfg.seed) as run,
     ):
         result = run_rounds(grid, cfg, run)
+        failed = result.stopped in ("failed", "diverged", "no-progress")
         run.finish(
-            "completed",
+            "failed" if failed else "completed",
+            error=result.message if failed else None,
             summary={
                 "accuracy": result.accuracy,
                 "rounds": result.rounds_completed,

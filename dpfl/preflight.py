@@ -1,0 +1,164 @@
+"""Checks a whole run before it starts (and before the CLI records it in the store).
+
+A :class:`~dpfl.config.Config` that exists is valid key by key; what only shows once the data and
+the model are built is checked here, so that bad options end in one ``dpfl: error:`` line and no
+``failed`` run in the store: the data loads and is large enough for the batch and the split, the
+model builds and passes the privacy boundaries, the optimizer accepts its options, the device is
+there, the planned number of steps is finite in practice, and a target epsilon can be met
+(calibration runs now, for the central learner, every client or the server, exactly as the run
+will do it). Keys that the command does not use are refused rather than ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from dpfl.config import Config, LoraConfig
+from dpfl.errors import AccountantError, ConfigError, IncompatibleModelError, PrivacyBudgetError
+
+__all__ = ["MAX_PLANNED_STEPS", "check_simulate", "check_train", "explicit_keys"]
+
+#: a run planned for more logical steps than this would not finish (days on a GPU); refused
+MAX_PLANNED_STEPS = 10_000_000
+
+
+def explicit_keys(data: dict[str, Any], overrides: list[str]) -> set[str]:
+    """Dotted keys a user set explicitly: in the config file's tables or with ``--set``."""
+    keys = set()
+    for section, table in data.items():
+        if isinstance(table, dict):
+            keys |= {f"{section}.{k}" for k in table}
+        else:
+            keys.add(section)
+    for text in overrides:
+        keys.add(text.partition("=")[0].strip())
+    return keys
+
+
+def _refuse_unused(cfg: Config, command: str, explicit: set[str]) -> None:
+    lora = sorted(k for k in explicit if k.startswith("lora."))
+    if lora or cfg.lora != LoraConfig():
+        what = ", ".join(lora) if lora else "the [lora] section"
+        raise ConfigError(
+            f"{what}: dpfl {command} trains the whole model and uses no LoRA adapters; "
+            "LoRA fine-tuning is not built yet (issue 11, dpfl finetune): remove the lora keys"
+        )
+    if not cfg.privacy.enabled:
+        ignored = sorted(k for k in explicit if k.startswith("privacy.") and k != "privacy.enabled")
+        if ignored:
+            raise ConfigError(
+                f"{', '.join(ignored)} set while privacy is disabled (--non-private / "
+                "privacy.enabled=false): choose one"
+            )
+
+
+def _calibrate(cfg: Config, sample_rate: float, steps: int, who: str) -> None:
+    from dpfl.accountants import calibrate_noise
+
+    p = cfg.privacy
+    try:
+        calibrate_noise(p.target_epsilon, p.delta, sample_rate, steps, p.accountant)
+    except (PrivacyBudgetError, AccountantError) as e:
+        raise ConfigError(
+            f"privacy.target-epsilon={p.target_epsilon:g} cannot be met by {who} "
+            f"(sample rate {sample_rate:.4g}, {steps} steps): {e}"
+        ) from None
+
+
+def _check_model(cfg: Config, data, private: bool):
+    """Builds the model and optimizer; ``private``: trained by DP-SGD (sample-level DP)."""
+    from dpfl.models import create_model
+    from dpfl.optim import create_optimizer
+
+    model = create_model(
+        cfg.model, channels=data.channels, image_size=data.image_size, num_classes=data.num_classes
+    )
+    if private:
+        from dpfl.privacy.boundaries import backend_refusals, validate_model
+
+        try:
+            validate_model(model)
+            if cfg.privacy.level == "sample":
+                backend_refusals(model, cfg.privacy.grad_sample_mode)
+        except IncompatibleModelError as e:
+            raise ConfigError(str(e)) from None
+    create_optimizer(cfg.optimizer, model, private=private)
+    return model
+
+
+def _check_steps(planned: int, what: str) -> None:
+    if planned > MAX_PLANNED_STEPS:
+        raise ConfigError(
+            f"{what} plans {planned:,} steps (more than {MAX_PLANNED_STEPS:,}): the run would not "
+            "finish; lower the epochs or set training.max-steps"
+        )
+
+
+def check_train(cfg: Config, explicit: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+    """Everything ``dpfl train`` needs, checked before it starts."""
+    from dpfl.clients.central import planned_steps
+    from dpfl.data import load_dataset
+    from dpfl.device import resolve_device
+
+    _refuse_unused(cfg, "train", explicit)
+    resolve_device(cfg.training.device)
+    data = load_dataset(cfg.data, cfg.seed)
+    n = len(data.train)
+    if n < 2 or len(data.test) < 1:
+        raise ConfigError(
+            f"data.test-fraction={cfg.data.test_fraction:g} leaves {n} training and "
+            f"{len(data.test)} test records; lower it"
+        )
+    if cfg.data.batch_size > n:
+        raise ConfigError(
+            f"data.batch-size ({cfg.data.batch_size}) exceeds the {n} training records (the "
+            f"sample rate would be 1, every record in every step); use at most {n}"
+        )
+    planned = planned_steps(cfg, n)
+    _check_steps(planned, f"training.epochs={cfg.training.epochs:g}")
+    _check_model(cfg, data, cfg.privacy.enabled)
+    if cfg.privacy.enabled and cfg.privacy.target_epsilon is not None:
+        _calibrate(cfg, cfg.data.batch_size / n, planned, "the central run")
+
+
+def check_simulate(cfg: Config, explicit: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+    """Everything ``dpfl simulate`` needs, checked before it starts: the data and its split into
+    clients, every client's privacy plan, the server's noise."""
+    from dpfl.clients.federated import _local_steps, _participation, client_datasets
+    from dpfl.data import load_dataset
+    from dpfl.device import resolve_device
+
+    _refuse_unused(cfg, "simulate", explicit)
+    resolve_device(cfg.training.device)
+    f, p = cfg.federation, cfg.privacy
+    data = load_dataset(cfg.data, cfg.seed)
+    sizes = [len(client_datasets(cfg, pid)[0]) for pid in range(f.num_clients)]
+    empty = [pid for pid, n in enumerate(sizes) if n == 0]
+    if empty:
+        raise ConfigError(
+            f"{len(empty)} of {f.num_clients} clients get no training record (client "
+            f"{empty[0]}): lower federation.num-clients or federation.client-test-fraction, or "
+            "use another federation.partition"
+        )
+    if cfg.data.batch_size > max(sizes):
+        raise ConfigError(
+            f"data.batch-size ({cfg.data.batch_size}) exceeds every client's training records "
+            f"(largest client: {max(sizes)}): lower it"
+        )
+    rounds_per_client = max(1, math.ceil(f.rounds * _participation(cfg)))
+    _check_steps(
+        f.rounds * max(_local_steps(cfg, n) for n in sizes), "federation.rounds x local steps"
+    )
+    _check_model(cfg, data, p.enabled and p.level == "sample")
+    if not (p.enabled and p.target_epsilon is not None):
+        return
+    if p.level == "user":
+        _calibrate(cfg, f.fraction, f.rounds, "the server (user-level DP-FedAvg)")
+        return
+    seen: set[tuple[float, int]] = set()
+    for pid, n in enumerate(sizes):  # what each client will calibrate at its first round
+        plan = (min(cfg.data.batch_size / n, 1.0), rounds_per_client * _local_steps(cfg, n))
+        if plan not in seen:
+            seen.add(plan)
+            _calibrate(cfg, plan[0], plan[1], f"client {pid} ({n} records)")
