@@ -20,14 +20,24 @@ def pyplot():
 
 
 def save_figure(fig, path: str | Path) -> Path:
-    """Writes ``fig`` as a PNG at ``path`` and closes it; a write failure is a ConfigError."""
+    """Writes ``fig`` at ``path`` (the format from its suffix, e.g. PNG) and closes it.
+
+    A figure without a layout engine gets ``tight_layout`` first; one made with
+    ``layout="constrained"`` keeps it (tight_layout ignores a suptitle and overlaps it).
+
+    Raises:
+        ConfigError: the file cannot be written, or matplotlib has no writer for the suffix.
+    """
     plt = pyplot()
     out = Path(path)
     try:
-        fig.tight_layout()
+        if fig.get_layout_engine() is None:
+            fig.tight_layout()
         fig.savefig(out, dpi=110)
     except OSError as e:
         raise ConfigError(f"cannot write {out}: {e.strerror or e}") from None
+    except ValueError as e:  # an unsupported format: callers should check the suffix first
+        raise ConfigError(f"cannot write {out}: {e}") from None
     finally:
         plt.close(fig)
     return out

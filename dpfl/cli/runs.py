@@ -1,14 +1,16 @@
-"""``dpfl runs list | show | export``: reading the run store."""
+"""``dpfl runs list | show | export | plot``: reading the run store."""
 
 from __future__ import annotations
 
 import datetime as dt
+import re
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from dpfl.cli.common import DEFAULT_STORE, StoreOption, console, fmt_eps, fmt_float
 from dpfl.cli.main import app
@@ -97,8 +99,7 @@ def show_run(
     console.print(f"versions: {versions}", markup=False)
     console.print(f"config: {dumps(r['config'])}", markup=False)
     if data["rounds"]:
-        done = sum(1 for x in data["rounds"] if x["status"] == "completed")
-        console.print(f"rounds: {len(data['rounds'])} recorded, {done} completed")
+        _print_rounds(data["rounds"])
     last: dict[tuple[str, str], dict] = {}
     uncovered: dict[tuple[str, str], dict] = {}
     for m in data["metrics"]:
@@ -146,6 +147,98 @@ def show_run(
         console.print(table)
 
 
+def _round_span(rounds: list[int]) -> str:
+    return str(rounds[0]) if len(rounds) == 1 else f"{rounds[0]}-{rounds[-1]}"
+
+
+def _compact(names: list[str]) -> str:
+    """``node 1..node 10`` for a run of numbered names, else the names; with the count."""
+    numbered: dict[str, list[int]] = {}
+    plain: list[str] = []
+    for name in names:
+        m = re.fullmatch(r"(.*?)(\d+)", name)
+        if m:
+            numbered.setdefault(m.group(1), []).append(int(m.group(2)))
+        else:
+            plain.append(name)
+    parts = sorted(set(plain))
+    for prefix, numbers in sorted(numbered.items()):
+        numbers = sorted(set(numbers))
+        start = prev = numbers[0]
+        for n in [*numbers[1:], None]:
+            if n is not None and n == prev + 1:
+                prev = n
+                continue
+            if prev - start >= 2:
+                parts.append(f"{prefix}{start}..{prefix}{prev}")
+            else:
+                parts += [f"{prefix}{k}" for k in range(start, prev + 1)]
+            if n is not None:
+                start = prev = n
+    text = ", ".join(parts)
+    return f"{text} ({len(names)})" if len(names) > 1 else text
+
+
+def _merged(per_round: list[tuple[int, object]]) -> list[tuple[str, object]]:
+    """Consecutive rounds with equal content as one span: [("2-3", content), ...]."""
+    spans: list[tuple[list[int], object]] = []
+    for r, content in per_round:
+        if spans and spans[-1][1] == content and spans[-1][0][-1] == r - 1:
+            spans[-1][0].append(r)
+        else:
+            spans.append(([r], content))
+    return [(_round_span(rounds), content) for rounds, content in spans]
+
+
+def _print_rounds(rounds: list[dict]) -> None:
+    """Counts per status, rounds that did not complete (and why), replies dropped (and why)."""
+    counts: dict[str, int] = {}
+    for x in rounds:
+        counts[x["status"]] = counts.get(x["status"], 0) + 1
+    others = ", ".join(
+        f"{n} {status}" for status, n in sorted(counts.items()) if status != "completed"
+    )
+    line = f"rounds: {len(rounds)} recorded, {counts.get('completed', 0)} completed"
+    console.print(line + (f", {others}" if others else ""), markup=False)
+    infos = [(x["round"], x["info"] if isinstance(x["info"], dict) else {}) for x in rounds]
+    unfinished = _merged(
+        [
+            (x["round"], (x["status"], str(info.get("reason", "-"))))
+            for x, (_, info) in zip(rounds, infos, strict=True)
+            if x["status"] != "completed"
+        ]
+    )
+    if unfinished:
+        table = Table(title="rounds not completed")
+        for col in ("round", "status", "reason"):
+            table.add_column(col)
+        for span, (status, reason) in unfinished:
+            table.add_row(span, status, Text(reason))
+        console.print(table)
+    per_round = []
+    total = 0
+    for r, info in infos:
+        dropped = info.get("dropped")
+        groups: dict[str, list[str]] = {}
+        for d in dropped if isinstance(dropped, list) else []:
+            if not isinstance(d, dict):
+                continue
+            who = d.get("participant") or f"node {d.get('node')}"
+            groups.setdefault(str(d.get("reason")), []).append(str(who))
+            total += 1
+        if groups:
+            per_round.append((r, tuple((reason, _compact(w)) for reason, w in groups.items())))
+    if not per_round:
+        return
+    table = Table(title=f"dropped replies ({total}), not aggregated")
+    for col in ("round", "replies", "reason"):
+        table.add_column(col)
+    for span, groups in _merged(per_round):
+        for reason, who in groups:
+            table.add_row(span, Text(who), Text(reason))
+    console.print(table)
+
+
 @runs_app.command("export")
 def export(
     run: Annotated[str, typer.Argument(help="Run id or a unique prefix of it.")],
@@ -153,8 +246,13 @@ def export(
         ExportFormat, typer.Option("--format", "-f", help="csv or json.")
     ] = ExportFormat.json,
     table: Annotated[
-        str, typer.Option("--table", help=f"Table for csv: {', '.join(EXPORT_TABLES)}.")
-    ] = "metrics",
+        str | None,
+        typer.Option(
+            "--table",
+            help=f"One table: {', '.join(EXPORT_TABLES)} (csv default: metrics; json default: "
+            "everything, with --table: {run, table, rows}).",
+        ),
+    ] = None,
     output: Annotated[
         Path | None,
         typer.Option(
@@ -163,7 +261,7 @@ def export(
     ] = None,
     store: StoreOption = DEFAULT_STORE,
 ) -> None:
-    """A run as JSON (everything) or one of its tables as CSV."""
+    """A run as JSON (everything, or one table) or one of its tables as CSV."""
     with _open(store) as s:
         text = export_run(s, run, fmt.value, table)
     if output is None:
@@ -184,13 +282,17 @@ def plot(
     ] = None,
     output: Annotated[
         Path | None,
-        typer.Option("--output", "-o", help="PNG file (default RUN.png).", dir_okay=False),
+        typer.Option(
+            "--output", "-o", help="A .png, .svg or .pdf file (default RUN.png).", dir_okay=False
+        ),
     ] = None,
     store: StoreOption = DEFAULT_STORE,
 ) -> None:
-    """PNG of a run's metrics per round and epsilon spent per participant."""
-    from dpfl.store.plot import plot_run
+    """Plot of a run's metrics per epoch (train) or round (simulate) and the epsilon spent."""
+    from dpfl.store.plot import check_plot_path, plot_run
 
+    if output is not None:
+        check_plot_path(output)
     with _open(store) as s:
         data = run_to_dict(s, run)
     path = plot_run(data, output or Path(f"{data['run']['id']}.png"), metric or None)
