@@ -19,10 +19,11 @@ from flwr.serverapp import Grid
 
 from dpfl.clients.client_app import app
 from dpfl.config import load_config
+from dpfl.federation_messages import HISTORY
 from dpfl.server.loop import load_checkpoint, run_rounds, sample_clients
 from dpfl.simulation.inprocess import InProcessGrid
 from dpfl.simulation.ray_backend import PartitionGrid, ray_client_app
-from dpfl.simulation.runner import simulate
+from dpfl.simulation.runner import resume_state, simulate
 from dpfl.store import RunStore
 
 SETS = [
@@ -115,20 +116,61 @@ class RayLikeGrid(Grid):
         return replies
 
 
-def test_partition_grid_gives_the_inprocess_results_on_random_node_ids(tmp_path):
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The in-process engine's run of SETS: (result, final model, privacy events)."""
+    return run_stored(load_config(None, SETS), tmp_path_factory.mktemp("ref") / "ref.sqlite")
+
+
+def ray_like(seed: int) -> RayLikeGrid:
+    return RayLikeGrid(InProcessGrid(ray_client_app(torch.get_num_threads()), 4), seed)
+
+
+def test_partition_grid_gives_the_inprocess_results_on_random_node_ids(tmp_path, reference):
     cfg = load_config(None, SETS)
-    reference = run_stored(cfg, tmp_path / "inprocess.sqlite")
-    threads = torch.get_num_threads()
-
-    def ray_like(seed: int) -> RayLikeGrid:
-        return RayLikeGrid(InProcessGrid(ray_client_app(threads), 4), seed)
-
     named = PartitionGrid(ray_like(1), 4)
     assert named.get_node_ids() == [1, 2, 3, 4]
     assert_identical(run_stored(cfg, tmp_path / "named.sqlite", named), reference)
     # without the naming, this config samples and sums other partitions (what the Ray backend did)
     raw, _, _ = run_stored(cfg, tmp_path / "raw.sqlite", ray_like(1))
     assert [h["loss"] for h in raw.history] != [h["loss"] for h in reference[0].history]
+
+
+def test_a_run_resumed_on_new_random_node_ids_sends_each_client_its_history(tmp_path, reference):
+    """A resumed Ray run is a new Ray process with new node ids; the checkpoint keys clients by
+    node, so only stable names find each client's privacy history (its budget guard needs it)."""
+    cfg = load_config(None, SETS)
+
+    def kill_after_one(r, row):
+        if r == 1:
+            raise KeyboardInterrupt
+
+    with RunStore(tmp_path / "killed.sqlite") as store:
+        with pytest.raises(KeyboardInterrupt), store.run("simulate", cfg.to_dict()) as run:
+            run_rounds(PartitionGrid(ray_like(1), 4), cfg, run, on_round=kill_after_one)
+        cfg, state = resume_state(store, run.run_id)
+        assert state is not None and state.round == 1
+        second = ray_like(2)
+        sent = []
+        deliver = second.send_and_receive
+
+        def recording(messages, *, timeout=None):
+            messages = list(messages)
+            sent.extend(
+                dict(m.content["config"])
+                for m in messages
+                if m.metadata.message_type == MessageType.TRAIN
+            )
+            return deliver(messages, timeout=timeout)
+
+        second.send_and_receive = recording
+        with store.tracking(store.reopen_run(run.run_id)) as again:
+            result = run_rounds(PartitionGrid(second, 4), cfg, again, resume=state)
+        events = store.privacy_events(run.run_id)
+    assert len(sent) == 2 and all(HISTORY in c for c in sent)  # round 2 samples 0 and 3
+    assert [h["loss"] for h in result.history] == [reference[0].history[1]["loss"]]
+    assert result.epsilon == reference[0].epsilon
+    assert ledger(events) == ledger(reference[2])
 
 
 def test_partition_grid_refuses_nodes_that_do_not_say_their_partition():
