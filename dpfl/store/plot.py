@@ -360,6 +360,9 @@ def build_figure(data: dict[str, Any], metrics: list[str] | None = None):
         histories = {}  # nothing finite to draw
     end = _train_end(run, events) if run["kind"] == "train" and not by_round else None
 
+    privacy = (run.get("config") or {}).get("privacy") or {}
+    if not events and privacy.get("enabled") is False:
+        notes.append("epsilon = inf (privacy.enabled = false: no privacy)")
     notes += _round_notes(data.get("rounds") or [], data.get("dropped") or [], run["id"])
     rows = [m for m in data["metrics"] if metrics is None or m["name"] in metrics]
     if events:

@@ -151,7 +151,8 @@ def test_train_epsilon_panel_runs_to_the_end_in_epochs(train_doc, captured, tmp_
 
 def test_non_private_train_final_values_sit_at_the_planned_end(store_path, captured, tmp_path):
     # no ledger: the end is the planned epochs scaled by steps done / planned (2 x 18/24 = 1.5)
-    with RunStore(store_path) as store, store.run("train", {"training": {"epochs": 2.0}}) as run:
+    config = {"training": {"epochs": 2.0}, "privacy": {"enabled": False}}
+    with RunStore(store_path) as store, store.run("train", config) as run:
         run.log_metrics({"test_accuracy": 0.3, "test_loss": 1.9}, round=1)
         run.log_metrics({"test_accuracy": 0.46, "test_loss": 1.3, "steps": 18.0}, scope="final")
         run.finish("completed", summary={"steps": 18, "steps_planned": 24})
@@ -163,6 +164,7 @@ def test_non_private_train_final_values_sit_at_the_planned_end(store_path, captu
     finals = [ln for ln in ax.get_lines() if list(ln.get_ydata()) == [0.46]]
     assert [list(ln.get_xdata()) for ln in finals] == [[1.5]]
     assert ax.get_xlabel() == "epoch"
+    assert "epsilon = inf" in _all_text(fig)
 
 
 # -- simulate -----------------------------------------------------------------------------------
