@@ -391,8 +391,8 @@ class RunStore:
     def end_round(
         self, run_id: str, round: int, status: str = "completed", info: Mapping | None = None
     ) -> None:
-        """Ends round ``round``; ``info`` (what happened: sampled clients, dropped replies with their
-        reasons, why a round was skipped) is stored as strict JSON (:func:`dpfl.jsonutil.dumps`)."""
+        """Ends round ``round``; ``info`` (what happened: sampled clients, dropped replies with
+        their reasons, why a round was skipped) is stored as strict JSON (``jsonutil.dumps``)."""
         if status not in ("completed", "skipped", "failed"):
             raise ConfigError(f"round status must be completed, skipped or failed, got {status!r}")
         with self.transaction() as c:

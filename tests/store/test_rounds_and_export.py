@@ -110,9 +110,11 @@ def test_json_export_of_one_table(store_path, dropped_run):
 
 @pytest.mark.parametrize("fmt", ["json", "csv"])
 def test_unknown_table_is_an_error_in_every_format(store_path, dropped_run, fmt):
-    with RunStore(store_path) as store:
-        with pytest.raises(ConfigError, match="unknown export table 'foo'; valid: metrics"):
-            export_run(store, dropped_run, fmt, "foo")
+    with (
+        RunStore(store_path) as store,
+        pytest.raises(ConfigError, match="unknown export table 'foo'; valid: metrics"),
+    ):
+        export_run(store, dropped_run, fmt, "foo")
 
 
 def test_csv_without_a_table_is_the_metrics(store_path, dropped_run):
