@@ -225,6 +225,8 @@ def test_image_folder_classes_are_sorted_folder_names_and_pixels_scaled(tmp_path
 def test_image_folder_colour_and_train_test_layout(tmp_path):
     write_folder(tmp_path / "imgs" / "train", per_class=2, mode="RGB")
     write_folder(tmp_path / "imgs" / "test", per_class=1, mode="RGB")
+    (tmp_path / "imgs" / "__MACOSX").mkdir()  # left by macOS zips: no class, no split
+    (tmp_path / "imgs" / "train" / ".cache").mkdir()
     _, data = data_of("data.path=imgs")
     assert (data.channels, data.image_size) == (3, 8)
     assert (len(data.train), len(data.test)) == (4, 2)

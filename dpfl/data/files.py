@@ -20,8 +20,9 @@ sorted, are mapped to ``0 .. K-1`` (``ImageData.classes`` keeps them). The set o
 taken as public: it sets the model's output size. Nothing else is computed from the records
 before training (no standardization, whose statistics the DP guarantee would not cover).
 
-Without a given test split, a stratified split (``data.test-fraction`` of each class, at least one
-record per class on each side) is drawn with the run seed.
+All records are read into memory (float32). Without a given test split, a stratified split
+(``data.test-fraction`` of each class, at least one record per class on each side) is drawn with
+the run seed.
 """
 
 from __future__ import annotations
@@ -228,8 +229,13 @@ def read_npz(path: str, test_fraction: float, seed: int) -> Loaded:
 
 
 # -- image folder ----------------------------------------------------------------------------------
+def _skipped(name: str) -> bool:
+    """Hidden folders and the resource forks a macOS zip leaves are no classes."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
 def _class_folders(root: Path) -> dict[str, list[Path]]:
-    folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    folders = sorted(d for d in root.iterdir() if d.is_dir() and not _skipped(d.name))
     out: dict[str, list[Path]] = {}
     for d in folders:
         images = sorted(
@@ -282,7 +288,7 @@ def read_folder(path: str, test_fraction: float, seed: int) -> Loaded:
     root = Path(path)
     if not root.is_dir():
         raise _fail(path, "not a folder")
-    subdirs = {d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")}
+    subdirs = {d.name for d in root.iterdir() if d.is_dir() and not _skipped(d.name)}
     split = subdirs == {"train", "test"}
     parts = [root / "train", root / "test"] if split else [root]
     found = [_class_folders(p) for p in parts]
