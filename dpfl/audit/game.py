@@ -15,11 +15,9 @@ else in the training set). After training, two attacks guess membership from eac
 The (guess, bit) pairs of all models are pooled into counts and turned into a posterior over
 epsilon (:mod:`dpfl.audit.posterior`), reported next to Clopper-Pearson.
 
-Caveat (observed here): when the counts sit near a corner of the (FNR, FPR) square (an attack that
-guesses almost everything "non-member"), the Jeffreys posterior puts its mass near the corner,
-where epsilon = |log((1 - FNR) / FPR)| is rarely 0, so the Bayesian lower bound is positive (e.g.
-0.15 for TP 0, TN 57, FP 0, FN 43) while Clopper-Pearson's is 0. The reference library behaves the
-same (spec 5.4 case 4). Read a small Bayesian lower bound from degenerate counts as "no evidence".
+Degenerate counts (an attack that guesses almost everything "non-member", e.g. TP 0, TN 57, FP 0,
+FN 43) are no evidence of leakage: their lower bound is 0, as Clopper-Pearson's (the paper's
+posterior gave 0.15 there; see :mod:`dpfl.audit.posterior` for why and what changed).
 """
 
 from __future__ import annotations

@@ -44,8 +44,11 @@ def estimate_cmd(
     ] = "joint-beta",
     as_json: JsonOption = False,
 ) -> None:
-    """Point estimate, credible interval and lower bound of epsilon from attack counts."""
-    from dpfl.audit import AttackCounts, estimate
+    """Point estimate, credible interval and lower bound of epsilon from attack counts.
+
+    The lower bound is 0 ("no evidence of leakage") whenever the counts show no advantage
+    (TPR <= FPR): any posterior mass above 0 is then the prior's, not the data's."""
+    from dpfl.audit import AttackCounts, estimate, verdict
 
     counts = AttackCounts(tp=tp, tn=tn, fp=fp, fn=fn)
     main = estimate(counts, delta, alpha, method)
@@ -57,6 +60,11 @@ def estimate_cmd(
         if math.isfinite(width) and math.isfinite(cp_width) and cp_width > 0
         else None
     )
+    bayesian = main.p_no_advantage is not None
+    point_kind = {"beta": "plug-in", "jeffreys": "plug-in at the rates' Jeffreys medians"}.get(
+        method, "posterior median"
+    )
+    says = verdict(counts, main)
     if as_json:
         console.print(
             dumps(
@@ -65,15 +73,23 @@ def estimate_cmd(
                     "alpha": alpha,
                     "delta": delta,
                     "point": main.point,
+                    "point_kind": point_kind,
                     "bayes_lo": main.lo,
                     "bayes_hi": main.hi,
                     "bayes_one_sided_lo": main.one_sided_lo,
+                    "cp_point": cp.point,
                     "cp_lo": cp.lo,
                     "cp_hi": cp.hi,
                     "cp_one_sided_lo": cp.one_sided_lo,
+                    "jeffreys_point": jeffreys.point,
                     "jeffreys_lo": jeffreys.lo,
                     "jeffreys_hi": jeffreys.hi,
+                    "jeffreys_one_sided_lo": jeffreys.one_sided_lo,
                     "width_ratio_vs_cp": ratio,
+                    "p_no_advantage": main.p_no_advantage,
+                    "counts_show_advantage": main.counts_show_advantage,
+                    "no_evidence": main.no_evidence,
+                    "verdict": says,
                 }
             ),
             markup=False,
@@ -83,15 +99,21 @@ def estimate_cmd(
         title=f"epsilon from TP={tp} TN={tn} FP={fp} FN={fn} "
         f"(delta={delta:g}, {100 * (1 - alpha):g}% intervals)"
     )
-    for col in ("method", "lower", "upper", f"one-sided lower ({100 * (1 - alpha):g}%)"):
+    for col in ("method", "point", "lower", "upper", f"one-sided lower ({100 * (1 - alpha):g}%)"):
         table.add_column(col, justify="right" if col != "method" else "left")
-    table.add_row(f"{method} (Bayesian)", _fmt(main.lo), _fmt(main.hi), _fmt(main.one_sided_lo))
-    table.add_row("Clopper-Pearson", _fmt(cp.lo), _fmt(cp.hi), _fmt(cp.one_sided_lo))
-    table.add_row("Jeffreys", _fmt(jeffreys.lo), _fmt(jeffreys.hi), _fmt(jeffreys.one_sided_lo))
+    label = f"{method} (Bayesian)" if bayesian else method
+    for name, iv in ((label, main), ("Clopper-Pearson", cp), ("Jeffreys", jeffreys)):
+        table.add_row(name, _fmt(iv.point), _fmt(iv.lo), _fmt(iv.hi), _fmt(iv.one_sided_lo))
     console.print(table)
-    console.print(f"point estimate: {_fmt(main.point)}", markup=False)
+    console.print(f"point estimate ({point_kind}): {_fmt(main.point)}", markup=False)
+    if bayesian:
+        console.print(
+            f"posterior probability of no advantage (epsilon = 0): {main.p_no_advantage:.4f}",
+            markup=False,
+        )
     if ratio is not None:
         console.print(f"interval width vs Clopper-Pearson: {ratio:.2f}x", markup=False)
+    console.print(says, markup=False)
 
 
 @audit_app.command("run")
@@ -111,6 +133,7 @@ def run_cmd(
     store: StoreOption = DEFAULT_STORE,
 ) -> None:
     """Membership-inference audit of centralized (DP) training: canaries -> counts -> epsilon."""
+    from dpfl.audit import verdict
     from dpfl.audit.game import run_audit
     from dpfl.config import load_config
     from dpfl.store import RunStore
@@ -140,6 +163,10 @@ def run_cmd(
                 "bayes_lo": iv.lo,
                 "bayes_hi": iv.hi,
                 "bayes_one_sided_lo": iv.one_sided_lo,
+                "cp_one_sided_lo": result.clopper_pearson[attack].one_sided_lo,
+                "p_no_advantage": iv.p_no_advantage,
+                "no_evidence": iv.no_evidence,
+                "verdict": verdict(c, iv),
             }
             run.log_metrics(
                 {
@@ -172,6 +199,7 @@ def run_cmd(
         "point",
         f"{100 * (1 - alpha):g}% interval",
         "lower bound",
+        "Clopper-Pearson lower bound",
     ):
         table.add_column(col)
     for attack, row in summary["attacks"].items():
@@ -181,8 +209,11 @@ def run_cmd(
             _fmt(row["point"]),
             f"[{_fmt(row['bayes_lo'])}, {_fmt(row['bayes_hi'])}]",
             _fmt(row["bayes_one_sided_lo"]),
+            _fmt(row["cp_one_sided_lo"]),
         )
     console.print(table)
     console.print(
         f"theoretical epsilon (accountant): {_fmt(result.theoretical_epsilon)}", markup=False
     )
+    for attack, row in summary["attacks"].items():
+        console.print(f"{attack}: {row['verdict']}", markup=False)

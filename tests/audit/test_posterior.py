@@ -6,9 +6,16 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from dpfl.audit import AttackCounts, eps_from_fnr_fpr, estimate, posterior_quantile
+from dpfl.audit import (
+    AttackCounts,
+    eps_from_fnr_fpr,
+    estimate,
+    posterior_cdf,
+    posterior_quantile,
+)
 from dpfl.cli.main import app
 from dpfl.errors import ConfigError
+from tests.audit.reference import mc_eps, ref_cdf
 from tests.cli.test_cli import assert_one_line_error
 
 D = 1e-5
@@ -34,8 +41,11 @@ CASES = [
     ((900, 900, 100, 100), (1.96176, 2.44564), (1.96681, 2.43951), (2.08513, 2.41771), 2.10952),
     ((600, 600, 400, 400), (0.25924, 0.55283), (0.26130, 0.55071), (0.32143, 0.50492), 0.33602),
     ((950, 990, 10, 50), (3.86043, 5.41545), (3.89562, 5.34175), (3.98409, 5.21657), 4.06589),
-    # the reference library returns 6.406 here for the upper end; 7.80254 is right (spec 5.4)
-    ((487, 1, 512, 0), (0.0, math.inf), (0.0, math.inf), (0.06687, 7.80254), 0.14389),
+    # the paper's posterior (spec 5.4) gives [0.06687, 7.80254] and 0.14389 here (the reference
+    # library 6.406 for the upper end); the attack's one-directional epsilon has Pr[eps = 0] =
+    # 0.19157 (tests.audit.reference.ref_cdf, adaptive quadrature over FPR), so its lower ends
+    # are 0 and its 97.5 % point is 7.80224 (ref_quantile)
+    ((487, 1, 512, 0), (0.0, math.inf), (0.0, math.inf), (0.0, 7.80224), 0.0),
 ]
 
 
@@ -51,7 +61,8 @@ def test_worked_values(counts, cp, jeffreys, bayes, one_sided):
 
 def test_readme_case_at_alpha_01_and_frequentist_one_sided():
     r = estimate(AttackCounts(487, 1, 512, 0), D, 0.1)
-    assert (r.lo, r.hi) == pytest.approx((0.14389, 6.4156), abs=1e-4)
+    # the paper's posterior: [0.14389, 6.4156]; one-directional: 0 and ref_quantile's 6.41440
+    assert (r.lo, r.hi) == pytest.approx((0.0, 6.41440), abs=1e-4)
     c = AttackCounts(900, 900, 100, 100)
     assert estimate(c, D, 0.05, "beta").one_sided_lo == pytest.approx(1.98969, abs=1e-5)
     assert estimate(c, D, 0.05, "jeffreys").one_sided_lo == pytest.approx(1.99480, abs=1e-5)
@@ -60,13 +71,19 @@ def test_readme_case_at_alpha_01_and_frequentist_one_sided():
 @pytest.mark.parametrize("counts", [c[0] for c in CASES])
 def test_monte_carlo_cross_check(counts):
     c = AttackCounts(*counts)
-    rng = np.random.default_rng(0)
-    fnr = rng.beta(c.fn + 0.5, c.tp + 0.5, 400_000)
-    fpr = rng.beta(c.fp + 0.5, c.tn + 0.5, 400_000)
-    eps = np.array([eps_from_fnr_fpr(a, b, D) for a, b in zip(fnr, fpr, strict=True)])
+    eps = mc_eps(counts, D)
     for q in (0.025, 0.5, 0.975):
         mc = float(np.quantile(eps, q))
         assert posterior_quantile(c, q, D) == pytest.approx(mc, abs=0.02, rel=0.01)
+
+
+@pytest.mark.parametrize(
+    "counts", [c[0] for c in CASES] + [(50, 50, 50, 50), (0, 1000, 0, 1000), (1, 206, 0, 193)]
+)
+def test_cdf_against_adaptive_quadrature_over_the_other_rate(counts):
+    c = AttackCounts(*counts)
+    for e in (0.0, 0.3, 2.2, 7.8):
+        assert posterior_cdf(c, e, D) == pytest.approx(ref_cdf(counts, e, D), abs=1e-6)
 
 
 def test_interval_is_monotone_in_alpha_and_narrows_with_more_samples():
