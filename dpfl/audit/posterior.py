@@ -44,7 +44,7 @@ no-advantage set, so the data favour no leakage at least as much as any leakage 
 the posterior puts on epsilon > 0 comes from the prior. The lower bounds are then 0 for every
 method. For Clopper-Pearson this changes nothing (its rectangle contains the observed rates); for
 the posterior it matters only with few samples on one side, e.g. TP 0, FN 1, TN 1000, FP 0, where
-Beta(1/2, 3/2) for TPR against FPR near 0 leaves Pr[no advantage] = 0.03 and a q(0.05) of 1.9.
+Beta(1/2, 3/2) for TPR against FPR near 0 leaves Pr[no advantage] = 0.023 and a q(0.05) of 1.56.
 
 Baselines: Clopper-Pearson and Jeffreys intervals of FNR and FPR at level alpha/2 each, mapped to
 epsilon through the rectangle: ``attack_epsilon`` decreases in both rates, so its range over the

@@ -10,7 +10,9 @@ sampler of the rates' Beta posteriors with its own vectorized epsilon, not from 
 import itertools
 import json
 import math
+import re
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -182,3 +184,36 @@ def test_cli_table_point_inside_interval_for_chance_counts():
         point = out["point"] if prefix == "bayes" else out[f"{prefix}_point"]
         assert out[f"{prefix}_lo"] <= point <= out[f"{prefix}_hi"]
         assert out[f"{prefix}_lo"] == out[f"{prefix}_one_sided_lo"] == 0.0
+
+
+def _readme_audit_examples():
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = text.split("\n## Audits\n", 1)[1].split("\n## ", 1)[0]
+    block = re.findall(r"```\n(.+?)\n```", section, flags=re.S)[0]
+    examples = []
+    for chunk in block.split("$ ")[1:]:
+        command, *expected = chunk.strip().splitlines()
+        examples.append((command.split("#")[0].split()[1:], expected))
+    return section, examples
+
+
+def test_readme_audit_section_matches_the_cli():
+    section, examples = _readme_audit_examples()
+    assert len(examples) == 2
+    for args, expected in examples:
+        r = runner.invoke(app, args)
+        assert r.exit_code == 0, r.output
+        actual = " ".join(r.stdout.replace("│", " ").replace("┃", " ").split())
+        lines, table = [], []
+        for line in expected:
+            (table if line.startswith("  ") else lines).append(" ".join(line.split()))
+        for row in table:  # table rows: the same cells in the same order
+            assert row in actual, row
+        assert " ".join(lines) in actual
+    keys = set(re.findall(r"`([a-z_]+)`", section.split("`--json` gives", 1)[1].split("\n\n")[0]))
+    out = json.loads(_estimate(900, 900, 100, 100, extra=["--json"]).stdout)
+    for key in keys - {"joint", "jeffreys"}:
+        assert key in out, key
+    for prefix in ("cp", "jeffreys"):
+        for suffix in ("point", "lo", "hi", "one_sided_lo"):
+            assert f"{prefix}_{suffix}" in out
