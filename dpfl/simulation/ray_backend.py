@@ -21,12 +21,13 @@ things differ on Ray and are undone here:
   partitions in every run and the float sums run in another order. :class:`PartitionGrid` asks
   each node its partition once (a ``query`` message) and shows the loop the in-process names;
   checkpoints (which key clients by node) then also mean the same thing in both engines;
-* threads: Ray starts each client actor with ``OMP_NUM_THREADS=1``, while the in-process engine
-  trains with this process's torch intra-op thread count, and parallel reductions (matrix
-  products) give other bits with another thread count. Every process of the Ray run uses the
-  caller's count (``torch.get_num_threads()``), and each client actor reserves that many CPUs, so
-  the machine is not oversubscribed: ``cpu_count // threads`` clients train at once (with
-  ``OMP_NUM_THREADS=1``, one per CPU, and the in-process engine then also uses one thread).
+* threads: Ray sets a client actor's ``OMP_NUM_THREADS`` to the CPUs it reserves (one, before),
+  while the in-process engine trains with this process's torch intra-op thread count, and
+  parallel reductions (matrix products) give other bits with another thread count. Every
+  process of the Ray run uses the caller's count (``torch.get_num_threads()``), and each client
+  actor reserves that many CPUs, so the machine is not oversubscribed: ``cpu_count // threads``
+  clients train at once (with ``OMP_NUM_THREADS=1``, one per CPU, and the in-process engine then
+  also uses one thread).
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def _identify(msg: Message, context: Context) -> Message:
 
 class _PinThreads:
     """A ClientApp mod: torch's intra-op thread count, set before every message is handled
-    (a Ray actor starts with ``OMP_NUM_THREADS=1``)."""
+    (Ray sets an actor's ``OMP_NUM_THREADS`` to the CPUs it reserves; this does not rely on it)."""
 
     def __init__(self, threads: int) -> None:
         self.threads = threads
