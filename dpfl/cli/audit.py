@@ -199,9 +199,9 @@ def run_cmd(
         "point",
         f"{100 * (1 - alpha):g}% interval",
         "lower bound",
-        "Clopper-Pearson lower bound",
+        "CP lower",
     ):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col in ("TP/TN/FP/FN", f"{100 * (1 - alpha):g}% interval"))
     for attack, row in summary["attacks"].items():
         table.add_row(
             attack,
