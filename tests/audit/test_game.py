@@ -70,3 +70,22 @@ def test_audit_run_cli_records_the_run(store_path):
         assert_one_line_error(
             runner.invoke(app, ["audit", "run", *args, "--store", str(store_path)]), fragment
         )
+
+
+def test_readme_audit_run_at_epsilon_1_shortened(store_path):
+    # the README's `dpfl audit run --set privacy.target-epsilon=1 --models 2 --canaries 100`,
+    # with one epoch and 20 canaries per model
+    args = ["audit", "run", "--set", "privacy.target-epsilon=1", "--set", "training.epochs=1"]
+    args += ["--models", "2", "--canaries", "20", "--json", "--store", str(store_path)]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert 0 < out["theoretical_epsilon"] <= 1.0
+    for row in out["attacks"].values():
+        assert row["tp"] + row["tn"] + row["fp"] + row["fn"] == 40
+        assert row["bayes_lo"] <= row["point"] <= row["bayes_hi"]
+        assert row["bayes_one_sided_lo"] <= out["theoretical_epsilon"]
+        assert row["no_evidence"] == (row["bayes_one_sided_lo"] == 0.0)
+        assert row["verdict"].startswith(
+            "no evidence of leakage (lower bound 0)" if row["no_evidence"] else "evidence"
+        )
