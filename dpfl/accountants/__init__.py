@@ -1,5 +1,8 @@
 """Privacy accounting: Opacus' RDP, PRV and GDP accountants, a PLD accountant (dp_accounting),
-calibration, and the ledger."""
+calibration, and the ledger.
+
+Importing it costs numpy and scipy only: Opacus (and torch) and dp_accounting are imported when an
+accountant that needs them is first used (:mod:`dpfl.accountants.epsilon`)."""
 
 from dpfl.accountants.calibrate import Calibration, calibrate_noise
 from dpfl.accountants.epsilon import (
@@ -9,11 +12,18 @@ from dpfl.accountants.epsilon import (
     create_opacus_accountant,
 )
 from dpfl.accountants.ledger import MECHANISMS, PrivacyEvent, PrivacyLedger
-from dpfl.accountants.phases import Phase, merge_phases, phases_from_records, steps_for_epochs
+from dpfl.accountants.phases import (
+    MAX_STEPS,
+    Phase,
+    merge_phases,
+    phases_from_records,
+    steps_for_epochs,
+)
 
 __all__ = [
     "ACCOUNTANTS",
     "BOUNDING_ACCOUNTANTS",
+    "MAX_STEPS",
     "MECHANISMS",
     "Calibration",
     "Phase",

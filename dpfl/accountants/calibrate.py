@@ -32,17 +32,38 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from dpfl.accountants.epsilon import compute_epsilon
-from dpfl.accountants.phases import Phase
+from dpfl.accountants.epsilon import EpsilonAboveRange, compute_epsilon
+from dpfl.accountants.phases import Phase, check_step_count
 from dpfl.accountants.rdp import integer_rdp_epsilon
-from dpfl.errors import AccountantError, PrivacyBudgetError
-from dpfl.validation import check_epsilon, check_sample_rate, check_steps, positive
+from dpfl.errors import AccountantError, ConfigError, PrivacyBudgetError
+from dpfl.validation import check_epsilon, check_sample_rate
 
-__all__ = ["Calibration", "calibrate_noise"]
+__all__ = [
+    "MAX_REL_TOL",
+    "MIN_REL_TOL",
+    "Calibration",
+    "calibrate_noise",
+    "check_rel_tol",
+]
 
 MAX_NOISE_MULTIPLIER = 1e6
 MIN_NOISE_MULTIPLIER = 1e-6
+#: Range of the relative tolerance. Above 0.5 the answer could be 1.5x the smallest noise that
+#: meets the target (no longer a calibration); below 1e-6 the accountants' own numerical error
+#: (PRV, PLD discretization) exceeds what the search resolves, and the evaluations only add up.
+MIN_REL_TOL, MAX_REL_TOL = 1e-6, 0.5
 _MAX_EVALUATIONS = 200
+
+
+def check_rel_tol(name: str, value: object) -> None:
+    """A relative tolerance on the noise multiplier: a number in [MIN_REL_TOL, MAX_REL_TOL]."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    if not MIN_REL_TOL <= value <= MAX_REL_TOL:
+        raise ConfigError(
+            f"{name} must be in [{MIN_REL_TOL:g}, {MAX_REL_TOL:g}] (relative to the noise "
+            f"multiplier; 0.001 = 0.1 %), got {value!r}"
+        )
 
 
 @dataclass(frozen=True)
@@ -69,8 +90,9 @@ def calibrate_noise(
     history ``prior + [phase]`` spends at most ``target_epsilon`` at ``delta``.
 
     Args:
+        steps: releases in the new phase, in [1, MAX_STEPS].
         rel_tol: the returned noise multiplier is at most ``1 + rel_tol`` times the smallest one
-            that meets the target (in (0, 1)).
+            that meets the target, in [MIN_REL_TOL, MAX_REL_TOL] = [1e-6, 0.5].
 
     Raises:
         PrivacyBudgetError: ``prior`` alone already exceeds the target, or even a noise
@@ -79,8 +101,8 @@ def calibrate_noise(
     """
     check_epsilon("target epsilon", target_epsilon)
     check_sample_rate("sample rate", sample_rate)
-    check_steps("steps", steps)
-    positive("relative tolerance", rel_tol)
+    check_step_count("steps", steps)
+    check_rel_tol("relative tolerance", rel_tol)
     prior = list(prior)
     compute_epsilon([], delta, accountant)  # validates delta and the accountant's name
     if prior:
@@ -95,24 +117,36 @@ def calibrate_noise(
     def eps(sigma: float) -> float:
         nonlocal evaluations
         evaluations += 1
-        return compute_epsilon([*prior, Phase(sigma, sample_rate, steps)], delta, accountant)
+        try:
+            return compute_epsilon([*prior, Phase(sigma, sample_rate, steps)], delta, accountant)
+        except EpsilonAboveRange as e:
+            if target_epsilon <= e.bound:  # above the bound, so above the target: too little noise
+                return math.inf
+            raise
 
     start, slope = 1.0, None
     if accountant in ("rdp", "pld", "prv"):
-        # seed: integer-order RDP (milliseconds), within ~15 % of these and close to rdp
-        def seed_eps(sigma: float) -> float:
-            return integer_rdp_epsilon([*prior, Phase(sigma, sample_rate, steps)], delta)
-
-        seed, _, seed_slope = _search(seed_eps, target_epsilon, 1.0, math.log1p(1e-2))
+        seed, seed_slope = _seed(target_epsilon, delta, sample_rate, steps, prior)
         if seed is not None:
             start, slope = seed, seed_slope
-    sigma, epsilon, _ = _search(eps, target_epsilon, start, math.log1p(min(rel_tol, 0.5)), slope)
+    sigma, epsilon, _ = _search(eps, target_epsilon, start, math.log1p(rel_tol), slope)
     if sigma is None:
         raise PrivacyBudgetError(
             f"target epsilon {target_epsilon:g} at delta {delta:g} cannot be met with a noise "
             f"multiplier <= {MAX_NOISE_MULTIPLIER:g} ({steps} steps at q={sample_rate:g})"
         )
     return Calibration(sigma, epsilon, accountant, evaluations)
+
+
+def _seed(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, prior: list[Phase]
+) -> tuple[float | None, float]:
+    # integer-order RDP (milliseconds), within ~15 % of rdp, pld and prv and close to rdp
+    def seed_eps(sigma: float) -> float:
+        return integer_rdp_epsilon([*prior, Phase(sigma, sample_rate, steps)], delta)
+
+    seed, _, seed_slope = _search(seed_eps, target_epsilon, 1.0, math.log1p(1e-2))
+    return seed, seed_slope
 
 
 def _search(

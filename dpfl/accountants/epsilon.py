@@ -16,7 +16,9 @@ Accountants (Opacus' defaults are kept, except RDP's orders):
   (:mod:`dpfl.accountants.rdp`). An upper bound; the usual choice for training loops (fast).
 * ``prv``: numerical composition of privacy loss random variables (Gopi et al. 2021); returns the
   upper end of its error interval (``eps_error = 0.01``), so it is an upper bound too, and
-  tighter than RDP. About 10x slower than RDP; measured up to 5 % above ``pld``.
+  tighter than RDP. About 10x slower than RDP; measured up to 5 % above ``pld``. Its grid is
+  sized first and refused above 2e7 points, and widened to a fast FFT length when large
+  (:mod:`dpfl.accountants.prv`).
 * ``pld``: numerical composition of privacy loss distributions with Google's ``dp_accounting``,
   pessimistic discretization (:mod:`dpfl.accountants.pld`). An upper bound, within ~0.25 % of a
   fine-discretization reference; under a second at 1e5 steps.
@@ -26,6 +28,10 @@ Accountants (Opacus' defaults are kept, except RDP's orders):
 
 Library warnings (Opacus' "Optimal order is the largest alpha", numerical RuntimeWarnings) are
 never shown: their content is handled here (orders wide enough, NaN turned into an error).
+
+Importing this package does not import Opacus (nor torch): rdp loads Opacus' RDP analysis file on
+its own (:mod:`dpfl.accountants.rdp`), pld imports ``dp_accounting`` and prv / gdp import Opacus
+when first used, and :data:`ACCOUNTANTS` builds Opacus accountants only when asked for one.
 """
 
 from __future__ import annotations
@@ -33,33 +39,52 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-
-from opacus.accountants import GaussianAccountant, PRVAccountant, RDPAccountant
-from opacus.accountants.accountant import IAccountant
+from typing import TYPE_CHECKING
 
 from dpfl.accountants.phases import Phase, merge_phases
-from dpfl.accountants.pld import PLDAccountant, pld_epsilon
-from dpfl.accountants.rdp import integer_rdp_epsilon, rdp_epsilon
+from dpfl.accountants.pld import pld_accountant, pld_epsilon
+from dpfl.accountants.prv import PRVGridTooLarge, prv_accountant, prv_epsilon
+from dpfl.accountants.rdp import rdp_epsilon
 from dpfl.accountants.rdp import rdp_per_step as _rdp_per_step  # noqa: F401 (benchmarks clear it)
 from dpfl.errors import AccountantError
 from dpfl.registry import Registry
 from dpfl.validation import check_delta
 
-__all__ = ["ACCOUNTANTS", "BOUNDING_ACCOUNTANTS", "compute_epsilon", "create_opacus_accountant"]
+if TYPE_CHECKING:  # opacus imports torch: only where an Opacus accountant is really built
+    from opacus.accountants.accountant import IAccountant
+
+__all__ = [
+    "ACCOUNTANTS",
+    "BOUNDING_ACCOUNTANTS",
+    "GDP_MAX_EPSILON",
+    "EpsilonAboveRange",
+    "compute_epsilon",
+    "create_opacus_accountant",
+]
+
+
+def _rdp_accountant() -> IAccountant:
+    from opacus.accountants import RDPAccountant
+
+    return RDPAccountant()
 
 
 def _gaussian_accountant() -> IAccountant:
+    from opacus.accountants import GaussianAccountant
+
     # Opacus warns on every construction; the caveat is in this module's docs and the CLI output.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="GDP accounting is experimental")
         return GaussianAccountant()
 
 
+#: Factories of fresh Opacus-style accountants (``step`` / ``get_epsilon``); each imports Opacus
+#: (and torch) only when called.
 ACCOUNTANTS: Registry[IAccountant] = Registry("accountant")
-ACCOUNTANTS.register("rdp", RDPAccountant)
-ACCOUNTANTS.register("prv", PRVAccountant)
+ACCOUNTANTS.register("rdp", _rdp_accountant)
+ACCOUNTANTS.register("prv", prv_accountant)
 ACCOUNTANTS.register("gdp", _gaussian_accountant)
-ACCOUNTANTS.register("pld", PLDAccountant)
+ACCOUNTANTS.register("pld", pld_accountant)
 
 #: Accountants whose epsilon is an upper bound, so a budget may be enforced with them.
 BOUNDING_ACCOUNTANTS = ("rdp", "prv", "pld")
@@ -100,8 +125,6 @@ def compute_epsilon(phases: Sequence[Phase], delta: float, accountant: str = "rd
             "the gdp accountant supports a single (noise multiplier, sample rate) phase; "
             "use rdp, prv or pld for heterogeneous histories"
         )
-    if accountant == "prv":
-        _check_prv_grid(history, delta)
     try:
         with warnings.catch_warnings():
             # library warnings are handled here (module docstring), never shown to the user
@@ -110,9 +133,13 @@ def compute_epsilon(phases: Sequence[Phase], delta: float, accountant: str = "rd
                 eps = rdp_epsilon(history, delta)
             elif accountant == "pld":
                 eps = pld_epsilon(history, delta)
+            elif accountant == "prv":
+                eps = prv_epsilon(history, delta)
             else:
-                acc = create_opacus_accountant(accountant, history)
-                eps = float(acc.get_epsilon(delta=delta))
+                eps = _gdp_epsilon(history[0], delta)
+    except PRVGridTooLarge as e:
+        context = f"{_describe(history)} at delta={delta:g}"
+        raise PRVGridTooLarge(e.points, e.per_phase, e.phases, context) from None
     except (ValueError, ArithmeticError, RuntimeError, MemoryError) as e:
         raise AccountantError(
             f"{accountant} accountant failed for {_describe(history)} at delta={delta:g}: {e}"
@@ -124,24 +151,42 @@ def compute_epsilon(phases: Sequence[Phase], delta: float, accountant: str = "rd
     return max(eps, 0.0)
 
 
-#: Largest PRV grid we let Opacus allocate (it holds several float64 arrays of this size).
-MAX_PRV_GRID = 20_000_000
+class EpsilonAboveRange(AccountantError):
+    """The accountant can only say that epsilon exceeds ``bound`` (its conversion's range)."""
+
+    def __init__(self, message: str, bound: float) -> None:
+        super().__init__(message)
+        self.bound = bound
 
 
-def _check_prv_grid(history: Sequence[Phase], delta: float) -> None:
-    """Refuses histories whose PRV grid would not fit in memory (Opacus would try, and be killed).
+#: Opacus' GDP conversion finds epsilon by root finding in [0, GDP_MAX_EPSILON] (``eps_from_mu``).
+GDP_MAX_EPSILON = 500.0
 
-    Opacus' grid spans at least [-eps, eps] with mesh ``0.01 / sqrt(T log(12 / delta_err) / 2)``,
-    delta_err = delta / 1000; eps is estimated by integer-order RDP (an upper bound, milliseconds).
-    """
-    steps = sum(p.steps for p in history)
-    mesh = 0.01 / math.sqrt(steps * math.log(12 / (delta / 1000)) / 2)
-    points = 2 * integer_rdp_epsilon(history, delta) / mesh
-    if not points <= MAX_PRV_GRID:
-        raise AccountantError(
-            f"prv accountant would need a grid of {points:.2g} points (too large) for "
-            f"{_describe(history)} at delta={delta:g}; use pld or rdp"
+
+def _gdp_epsilon(phase: Phase, delta: float) -> float:
+    """Opacus' GDP epsilon (Poisson sampling), with the two ends of its root bracket handled:
+    epsilon 0 where mu-GDP already gives (0, delta)-DP (Opacus' bracket has no sign change), and
+    :class:`EpsilonAboveRange` where epsilon exceeds GDP_MAX_EPSILON (likewise)."""
+    from opacus.accountants.analysis import gdp as analysis
+
+    mu = float(
+        analysis.compute_mu_poisson(
+            steps=phase.steps,
+            noise_multiplier=phase.noise_multiplier,
+            sample_rate=phase.sample_rate,
         )
+    )
+    if mu == 0.0:  # noise so large that exp(sigma**-2) - 1 rounds to 0: nothing is revealed
+        return 0.0
+    if not math.isfinite(mu) or not analysis.delta_eps_mu(eps=GDP_MAX_EPSILON, mu=mu) <= delta:
+        raise EpsilonAboveRange(
+            f"gdp accountant: epsilon is above {GDP_MAX_EPSILON:g} for {_describe([phase])} at "
+            f"delta={delta:g}, beyond the range of Opacus' GDP conversion; use rdp, prv or pld",
+            GDP_MAX_EPSILON,
+        )
+    if analysis.delta_eps_mu(eps=0.0, mu=mu) <= delta:  # delta(eps) falls with eps
+        return 0.0
+    return float(create_opacus_accountant("gdp", [phase]).get_epsilon(delta=delta))
 
 
 def _describe(history: Sequence[Phase]) -> str:

@@ -17,7 +17,28 @@ from typing import Any
 from dpfl.errors import ConfigError
 from dpfl.validation import check_noise_multiplier, check_sample_rate, positive
 
-__all__ = ["Phase", "merge_phases", "phases_from_records", "steps_for_epochs"]
+__all__ = [
+    "MAX_STEPS",
+    "Phase",
+    "check_step_count",
+    "merge_phases",
+    "phases_from_records",
+    "steps_for_epochs",
+]
+
+#: Most releases a history given by a user may hold (``--steps``, epochs / sample rate, a phases
+#: file, a calibration). Far beyond any training run (1e5-1e6 steps); rdp answers at any count,
+#: but pld needs ~10 s at 1e8 steps and a minute at 1e9, prv refuses long before, and gdp's root
+#: finding gives up at the epsilon such counts reach.
+MAX_STEPS = 100_000_000
+
+
+def check_step_count(name: str, value: object) -> None:
+    """A number of steps given by a user: an integer in [1, MAX_STEPS]."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if not 1 <= value <= MAX_STEPS:
+        raise ConfigError(f"{name} must be an integer in [1, {MAX_STEPS:.0e}], got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -53,10 +74,19 @@ def steps_for_epochs(epochs: float, sample_rate: float) -> int:
     ``epochs / sample_rate`` is rounded to the nearest integer when it is one up to floating-point
     error (90 epochs at q = 0.04 is 2250 steps, as in Opacus' tests), and rounded *up* otherwise:
     more steps never understate the privacy spent.
+
+    Raises:
+        ConfigError: ``epochs`` or ``sample_rate`` out of range, or more than :data:`MAX_STEPS`
+            steps.
     """
     positive("epochs", epochs)
     check_sample_rate("sample rate", sample_rate)
     exact = epochs / sample_rate
+    if not exact <= MAX_STEPS:
+        raise ConfigError(
+            f"{epochs:g} epochs at sample rate {sample_rate:g} is {exact:.3g} steps "
+            f"(epochs / sample rate); at most {MAX_STEPS:.0e}"
+        )
     nearest = round(exact)
     if abs(exact - nearest) <= 1e-9 * max(1.0, exact):
         return max(1, int(nearest))
@@ -93,7 +123,8 @@ _PHASE_KEYS = {
 
 def phases_from_records(records: Iterable[Mapping[str, Any]]) -> list[Phase]:
     """Builds phases from mappings with keys noise-multiplier (or sigma), sample-rate and steps
-    (or epochs). Used for ``--phases`` files (TOML ``[[phases]]`` tables or a JSON list)."""
+    (or epochs), at most :data:`MAX_STEPS` steps in all. Used for ``--phases`` files (TOML
+    ``[[phases]]`` tables or a JSON list)."""
     phases = []
     for i, rec in enumerate(records, start=1):
         if not isinstance(rec, Mapping):
@@ -114,7 +145,18 @@ def phases_from_records(records: Iterable[Mapping[str, Any]]) -> list[Phase]:
         try:
             if "epochs" in kw:
                 kw["steps"] = steps_for_epochs(kw.pop("epochs"), kw["sample_rate"])
+            steps = kw["steps"]
+            if isinstance(steps, int) and not isinstance(steps, bool) and steps > MAX_STEPS:
+                raise ConfigError(f"steps must be at most {MAX_STEPS:.0e}, got {_count(steps)}")
             phases.append(Phase(**kw))
         except ConfigError as e:
             raise ConfigError(f"phase {i}: {e}") from None
+    total = sum(p.steps for p in phases)
+    if total > MAX_STEPS:
+        raise ConfigError(f"the phases hold {_count(total)} steps in all; at most {MAX_STEPS:.0e}")
     return phases
+
+
+def _count(n: int) -> str:
+    """A (possibly huge) integer, short: 123456789 -> '1.23e+08'."""
+    return f"{n:.3g}" if n < 10**300 else f"about 1e{len(str(n)) - 1}"

@@ -41,17 +41,19 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from dp_accounting.pld import pld_pmf, privacy_loss_distribution, privacy_loss_mechanism
-from dp_accounting.pld.privacy_loss_distribution import PrivacyLossDistribution
-from opacus.accountants.accountant import IAccountant
 from scipy.special import log_ndtr, ndtr
 
 from dpfl.accountants.phases import Phase, merge_phases
 from dpfl.accountants.rdp import integer_rdp_epsilon
 
-__all__ = ["PLDAccountant", "discretization", "pld_epsilon"]
+if TYPE_CHECKING:  # dp_accounting takes ~1 s to import: only when a PLD is computed
+    from dp_accounting.pld import pld_pmf
+    from dp_accounting.pld.privacy_loss_distribution import PrivacyLossDistribution
+
+__all__ = ["discretization", "pld_accountant", "pld_epsilon"]  # and PLDAccountant (lazy)
 
 #: Interval = RELATIVE_INTERVAL * min(eps0, EPS_CAP) / sqrt(total steps) (our choice, see
 #: :func:`discretization`).
@@ -61,8 +63,7 @@ EPS_CAP = 5.0
 SLACK = 1.5
 #: Above ~MAX_BINS intervals per unit of eps0 the interval grows with eps0 (bounded memory/time).
 MAX_BINS = 2**16
-_ADD = privacy_loss_mechanism.AdjacencyType.ADD
-_REMOVE = privacy_loss_mechanism.AdjacencyType.REMOVE
+_ADD, _REMOVE = "add", "remove"
 
 
 def _interval(eps: float, steps: int) -> float:
@@ -96,16 +97,16 @@ def discretization(history: Sequence[Phase], delta: float) -> float:
     return _pld(merge_phases(history), delta)[1]
 
 
-def _hockey_stick(sigma: float, q: float, eps: np.ndarray, adjacency) -> np.ndarray:
+def _hockey_stick(sigma: float, q: float, eps: np.ndarray, adjacency: str) -> np.ndarray:
     """delta(eps) of one release on an array of eps (module docstring for the formulas)."""
     with np.errstate(all="ignore"):  # exp/log at the grid's far ends saturate to 0 or inf
         return _hockey_stick_unchecked(sigma, q, eps, adjacency)
 
 
-def _hockey_stick_unchecked(sigma: float, q: float, eps: np.ndarray, adjacency) -> np.ndarray:
+def _hockey_stick_unchecked(sigma: float, q: float, eps: np.ndarray, adjacency: str) -> np.ndarray:
     delta = np.zeros_like(eps)
     log1mq = math.log1p(-q) if q < 1 else -math.inf
-    if adjacency is _REMOVE:
+    if adjacency == _REMOVE:
         inside = eps > log1mq
         delta[~inside] = -np.expm1(eps[~inside])
         e = eps[inside]
@@ -130,11 +131,14 @@ def _hockey_stick_unchecked(sigma: float, q: float, eps: np.ndarray, adjacency) 
     return np.clip(delta, 0.0, 1.0)
 
 
-def _one_direction(sigma: float, q: float, d: float, adjacency) -> pld_pmf.PLDPmf:
+def _one_direction(sigma: float, q: float, d: float, adjacency: str) -> pld_pmf.PLDPmf:
     """dp_accounting's pessimistic connect-the-dots PMF for one direction, on the grid its own
     ``from_gaussian_mechanism`` uses (tails beyond exp(-50) mass counted as infinite loss)."""
+    from dp_accounting.pld import pld_pmf, privacy_loss_mechanism
+
+    kinds = privacy_loss_mechanism.AdjacencyType
     bounds = privacy_loss_mechanism.GaussianPrivacyLoss(
-        sigma, sampling_prob=q, adjacency_type=adjacency
+        sigma, sampling_prob=q, adjacency_type=kinds.REMOVE if adjacency == _REMOVE else kinds.ADD
     ).connect_dots_bounds()
     lo = math.floor(bounds.epsilon_lower / d)
     hi = math.ceil(bounds.epsilon_upper / d)
@@ -148,6 +152,9 @@ def _one_direction(sigma: float, q: float, d: float, adjacency) -> pld_pmf.PLDPm
 @functools.lru_cache(maxsize=32)
 def single_release_pld(sigma: float, q: float, d: float) -> PrivacyLossDistribution:
     """The pessimistic PLD of one Poisson-subsampled Gaussian release at interval ``d``."""
+    from dp_accounting.pld import pld_pmf, privacy_loss_distribution
+    from dp_accounting.pld.privacy_loss_distribution import PrivacyLossDistribution
+
     if not hasattr(pld_pmf, "create_pmf_pessimistic_connect_dots_fixed_gap"):  # older library
         return privacy_loss_distribution.from_gaussian_mechanism(
             sigma, sampling_prob=q, value_discretization_interval=d
@@ -188,27 +195,46 @@ def _composed_epsilon(history: Sequence[Phase], delta: float, d: float) -> float
     return float(composed.get_epsilon_for_delta(delta))
 
 
-class PLDAccountant(IAccountant):
-    """Opacus-style accountant (``step`` / ``get_epsilon``) over :func:`pld_epsilon`, so ``pld``
-    can stand wherever dpfl creates an Opacus accountant by name."""
+@functools.cache
+def _accountant_class() -> type:
+    from opacus.accountants.accountant import IAccountant
 
-    def __init__(self) -> None:
-        self.history: list[tuple[float, float, int]] = []
+    class PLDAccountant(IAccountant):
+        """Opacus-style accountant (``step`` / ``get_epsilon``) over :func:`pld_epsilon`, so
+        ``pld`` can stand wherever dpfl creates an Opacus accountant by name."""
 
-    def step(self, *, noise_multiplier: float, sample_rate: float) -> None:
-        if self.history and self.history[-1][:2] == (noise_multiplier, sample_rate):
-            self.history[-1] = (noise_multiplier, sample_rate, self.history[-1][2] + 1)
-        else:
-            self.history.append((noise_multiplier, sample_rate, 1))
+        def __init__(self) -> None:
+            self.history: list[tuple[float, float, int]] = []
 
-    def get_epsilon(self, delta: float, *args, **kwargs) -> float:
-        from dpfl.accountants.epsilon import compute_epsilon
+        def step(self, *, noise_multiplier: float, sample_rate: float) -> None:
+            if self.history and self.history[-1][:2] == (noise_multiplier, sample_rate):
+                self.history[-1] = (noise_multiplier, sample_rate, self.history[-1][2] + 1)
+            else:
+                self.history.append((noise_multiplier, sample_rate, 1))
 
-        return compute_epsilon([Phase(*h) for h in self.history], delta, "pld")
+        def get_epsilon(self, delta: float, *args, **kwargs) -> float:
+            from dpfl.accountants.epsilon import compute_epsilon
 
-    def __len__(self) -> int:
-        return sum(h[2] for h in self.history)
+            return compute_epsilon([Phase(*h) for h in self.history], delta, "pld")
 
-    @classmethod
-    def mechanism(cls) -> str:
-        return "pld"
+        def __len__(self) -> int:
+            return sum(h[2] for h in self.history)
+
+        @classmethod
+        def mechanism(cls) -> str:
+            return "pld"
+
+    PLDAccountant.__qualname__ = "PLDAccountant"
+    return PLDAccountant
+
+
+def pld_accountant() -> Any:
+    """A fresh :class:`PLDAccountant` (an Opacus ``IAccountant``; the class is built, and Opacus
+    imported, on first use)."""
+    return _accountant_class()()
+
+
+def __getattr__(name: str) -> Any:
+    if name == "PLDAccountant":  # ``from dpfl.accountants.pld import PLDAccountant``
+        return _accountant_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -25,18 +25,27 @@ binomial expansion as Opacus' ``_compute_log_a_int`` (Mironov, Talwar, Zhang 201
 vectorized with numpy (Opacus sums it in a Python loop: 0.3 s per (q, sigma) for these orders).
 :func:`integer_rdp_epsilon` uses integer orders only, all computed this way (milliseconds): the
 PLD accountant's cheap first estimate of epsilon.
+
+Start-up: importing ``opacus`` imports torch (seconds). Opacus' RDP analysis
+(``opacus/accountants/analysis/rdp.py``) needs only numpy and scipy, so unless ``opacus`` is
+already imported, that one file is loaded on its own from the installed package
+(:func:`_opacus_rdp_analysis`): the same code, without torch. Opacus' default orders are
+``RDPAccountant.DEFAULT_ALPHAS`` (a test checks the copy below against it).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.util
 import math
+import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
 
 import numpy as np
-from opacus.accountants import RDPAccountant
-from opacus.accountants.analysis import rdp as rdp_analysis
 from scipy.special import gammaln
 
 from dpfl.accountants.phases import Phase
@@ -50,11 +59,42 @@ __all__ = [
     "rdp_per_step",
 ]
 
+_ANALYSIS = "opacus.accountants.analysis.rdp"
+
+
+def _opacus_rdp_analysis() -> ModuleType:
+    """Opacus' RDP analysis module, without importing torch when opacus is not loaded yet."""
+    if "opacus" in sys.modules:  # torch is paid for already: the package's own module
+        return importlib.import_module(_ANALYSIS)
+    module = _load_analysis_file()
+    # another layout of the package: the ordinary (slow) import
+    return module if module is not None else importlib.import_module(_ANALYSIS)
+
+
+def _load_analysis_file() -> ModuleType | None:
+    """``opacus/accountants/analysis/rdp.py`` loaded on its own (it imports numpy and scipy
+    only), or None if the installed package has no such file."""
+    spec = importlib.util.find_spec("opacus")  # locates the package, does not import it
+    for root in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(root) / "accountants" / "analysis" / "rdp.py"
+        file_spec = importlib.util.spec_from_file_location(
+            "dpfl.accountants._opacus_rdp_analysis", path
+        )
+        if path.is_file() and file_spec is not None and file_spec.loader is not None:
+            module = importlib.util.module_from_spec(file_spec)
+            file_spec.loader.exec_module(module)
+            return module
+    return None
+
+
+rdp_analysis = _opacus_rdp_analysis()
+
 #: Orders below Opacus' smallest (1.1), used when the optimum is at 1.1.
 LOW_ORDERS = tuple(1 + x / 100 for x in range(1, 10))
 #: Integer orders above Opacus' largest (63), geometric up to 1e4.
 LARGE_ORDERS = tuple(sorted({round(64 * (10_000 / 64) ** (i / 39)) for i in range(40)}))
-_DEFAULT_ORDERS = tuple(RDPAccountant.DEFAULT_ALPHAS)
+#: Opacus' ``RDPAccountant.DEFAULT_ALPHAS`` (copied: that class's module imports torch).
+_DEFAULT_ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
 #: The orders dpfl's RDP epsilon minimizes over (ascending; plus LOW_ORDERS when needed).
 ORDERS = _DEFAULT_ORDERS + LARGE_ORDERS
 _INTEGER_ORDERS = tuple(range(2, 64)) + LARGE_ORDERS
