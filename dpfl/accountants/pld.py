@@ -21,6 +21,9 @@ What is ours:
 * phases with equal (sigma, q) anywhere in the history are composed as one (composition is
   commutative), and the one-step distribution of each (sigma, q, interval) is cached.
 
+``dp_accounting`` (about a second to import) and Opacus (torch, for the ``IAccountant`` base of
+:class:`PLDAccountant`, built on first use) are imported only when needed.
+
 Hockey-stick divergence of one release (Phi the standard normal CDF), for the REMOVE direction
 (``P = (1-q) N(0, s^2) + q N(-1, s^2)`` against ``Q = N(0, s^2)``), eps > log(1-q)::
 
