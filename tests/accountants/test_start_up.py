@@ -78,7 +78,7 @@ def test_budget_module_with_the_real_cli_imports_no_torch():
 
 
 def test_default_orders_are_opacus_defaults():
-    assert dpfl_rdp._DEFAULT_ORDERS == tuple(RDPAccountant.DEFAULT_ALPHAS)
+    assert tuple(RDPAccountant.DEFAULT_ALPHAS) == dpfl_rdp._DEFAULT_ORDERS
 
 
 def test_standalone_analysis_file_computes_what_opacus_module_does():
