@@ -63,6 +63,7 @@ __all__ = [
     "StoreConfig",
     "TrainingConfig",
     "apply_overrides",
+    "describe_fields",
     "load_config",
     "parse_override",
 ]
@@ -74,9 +75,56 @@ def _key(field_name: str) -> str:
     return field_name.replace("_", "-")
 
 
-def _opt(default: Any, *, check=None, choices: tuple[str, ...] | None = None, doc: str = ""):
-    """A config field with its validation attached as metadata."""
-    return field(default=default, metadata={"check": check, "choices": choices, "doc": doc})
+def _opt(
+    default: Any,
+    *,
+    check=None,
+    choices: tuple[str, ...] | None = None,
+    doc: str = "",
+    allowed: str | None = None,
+):
+    """A config field with its validation attached as metadata; ``allowed`` describes a range
+    that a section's cross-field check enforces (``dpfl config show`` lists it)."""
+    meta = {"check": check, "choices": choices, "doc": doc, "allowed": allowed}
+    return field(default=default, metadata=meta)
+
+
+def describe_fields() -> list[dict[str, Any]]:
+    """Every config key: its dotted name, default, allowed values and meaning."""
+    rows: list[dict[str, Any]] = [
+        {"key": "name", "default": "dpfl", "allowed": "non-empty string", "doc": "run name"},
+        {
+            "key": "seed",
+            "default": 0,
+            "allowed": "integer in [0, 2**63 - 1]",
+            "doc": "seeds data splits, models, sampling and noise",
+        },
+    ]
+    for section, cls in _SECTIONS.items():
+        hints = _field_types(cls)
+        for f in dataclasses.fields(cls):
+            meta = f.metadata
+            allowed = meta.get("allowed")
+            if allowed is None and meta.get("choices"):
+                allowed = " | ".join(meta["choices"])
+            if allowed is None and meta.get("check") is not None:
+                allowed = getattr(meta["check"], "describe", None)
+            base = _base_type(hints[f.name])
+            if allowed is None:
+                allowed = {bool: "true | false", str: "string", int: "integer", float: "number"}[
+                    base
+                ]
+            if _is_optional(hints[f.name]):
+                allowed += " (or none: unset)"
+            rows.append(
+                {
+                    "key": f"{section}.{_key(f.name)}",
+                    "default": f.default,
+                    "allowed": allowed,
+                    "doc": meta.get("doc", ""),
+                }
+            )
+    return rows
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -208,7 +256,12 @@ class PrivacyConfig(_Section):
     target_quantile: float = _opt(
         0.5, check=in_unit_interval_closed_open, doc="adaptive: fraction of samples left unclipped"
     )
-    clip_lr: float = _opt(0.2, check=positive, doc="adaptive: geometric clip learning rate")
+    clip_lr: float | None = _opt(
+        None,
+        check=positive,
+        doc="adaptive: geometric clip learning rate; unset: 0.05 per DP-SGD step, 0.2 per "
+        "DP-FedAvg round",
+    )
     count_noise_std: float | None = _opt(
         None, check=positive, doc="adaptive: std of the unclipped-count noise (default B/20)"
     )
@@ -239,6 +292,12 @@ MAX_SEED = 2**63 - 1
 #: longest training accepted (passes over the data; federated rounds)
 MAX_EPOCHS = 100_000.0
 MAX_ROUNDS = 1_000_000
+
+#: adaptive clipping's default geometric rate: per DP-FedAvg round (Andrew et al., TFF), and per
+#: DP-SGD step (our choice: a step is far more frequent than a round; at 0.2 per step the clip
+#: overshoots the median norm 7x within 40 steps on the default and the run diverges)
+CLIP_LR_PER_ROUND = 0.2
+CLIP_LR_PER_STEP = 0.05
 
 #: every name in dpfl.optim.OPTIMIZERS (a test keeps the two equal)
 OPTIMIZER_NAMES = (
@@ -317,7 +376,9 @@ class DataConfig(_Section):
     physical_batch_size: int | None = _opt(
         None, check=at_least(1), doc="largest batch held in memory (virtual steps above it)"
     )
-    test_fraction: float = _opt(0.2, doc="held-out fraction for evaluation, in (0, 1)")
+    test_fraction: float = _opt(
+        0.2, doc="held-out fraction for evaluation", allowed="(0, 1)"
+    )
 
     def _validate(self) -> None:
         if not (0 < self.test_fraction < 1):
@@ -358,7 +419,8 @@ class TrainingConfig(_Section):
     max_steps: int | None = _opt(None, check=at_least(1), doc="stop after this many steps")
     device: str = _opt(
         "auto",
-        doc='where models train: "auto" (cuda if available, else cpu), "cpu", "cuda" or "cuda:N"',
+        doc="where models train: auto = cuda if torch sees a GPU, else cpu",
+        allowed="auto | cpu | cuda | cuda:N",
     )
 
     def _validate(self) -> None:
@@ -391,7 +453,7 @@ class FederationConfig(_Section):
 
     num_clients: int = _opt(10, check=at_least(1), doc="clients (data partitions)")
     rounds: int = _opt(5, check=at_most(MAX_ROUNDS), doc="server rounds")
-    fraction: float = _opt(1.0, doc="Poisson client sampling rate per round, in (0, 1]")
+    fraction: float = _opt(1.0, doc="Poisson client sampling rate per round", allowed="(0, 1]")
     clients_per_round: int | None = _opt(
         None, check=at_least(1), doc="fixed number of clients per round (not with user-level DP)"
     )
@@ -408,7 +470,9 @@ class FederationConfig(_Section):
     strategy: str = _opt("fedavg", choices=STRATEGIES, doc="server strategy")
     server_lr: float = _opt(1.0, check=positive, doc="server step on the mean update (dp-fedavg)")
     proximal_mu: float = _opt(0.01, check=non_negative, doc="fedprox proximal weight")
-    trim_fraction: float = _opt(0.1, doc="trimmed-mean: fraction cut at each end, in [0, 0.5)")
+    trim_fraction: float = _opt(
+        0.1, doc="trimmed-mean: fraction cut at each end", allowed="[0, 0.5)"
+    )
     backend: str = _opt("inprocess", choices=("inprocess", "ray"), doc="simulation engine")
     reply_timeout: float | None = _opt(None, check=positive, doc="seconds to wait for replies")
     client_diagnostics: bool = _opt(
@@ -436,7 +500,7 @@ class FederationConfig(_Section):
 class LoraConfig(_Section):
     SECTION: ClassVar[str] = "lora"
 
-    r: int = _opt(8, check=at_least(1), doc="LoRA rank")
+    r: int = _opt(8, check=at_least(1), doc="LoRA rank (for dpfl finetune, not built yet)")
     alpha: float = _opt(16.0, check=positive, doc="LoRA scaling numerator")
     dropout: float = _opt(0.0, check=in_unit_interval_closed_open, doc="LoRA dropout")
     target_modules: str = _opt("query,value", doc="comma-separated module names")

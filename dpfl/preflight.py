@@ -110,7 +110,7 @@ def check_train(cfg: Config, explicit: set[str] = frozenset()) -> None:  # type:
             f"data.test-fraction={cfg.data.test_fraction:g} leaves {n} training and "
             f"{len(data.test)} test records; lower it"
         )
-    if cfg.data.batch_size > n:
+    if cfg.privacy.enabled and cfg.data.batch_size > n:
         raise ConfigError(
             f"data.batch-size ({cfg.data.batch_size}) exceeds the {n} training records (the "
             f"sample rate would be 1, every record in every step); use at most {n}"
@@ -141,10 +141,10 @@ def check_simulate(cfg: Config, explicit: set[str] = frozenset()) -> None:  # ty
             f"{empty[0]}): lower federation.num-clients or federation.client-test-fraction, or "
             "use another federation.partition"
         )
-    if cfg.data.batch_size > max(sizes):
+    if p.enabled and p.level == "sample" and cfg.data.batch_size > max(sizes):
         raise ConfigError(
             f"data.batch-size ({cfg.data.batch_size}) exceeds every client's training records "
-            f"(largest client: {max(sizes)}): lower it"
+            f"(largest client: {max(sizes)}; the sample rate would be 1): lower it"
         )
     rounds_per_client = max(1, math.ceil(f.rounds * _participation(cfg)))
     _check_steps(

@@ -36,6 +36,17 @@ def _number(name: str, value: object) -> float:
     return float(value)
 
 
+def _describe(text: str):
+    """Attaches the human-readable range a check enforces (``dpfl config show`` lists it)."""
+
+    def mark(check):
+        check.describe = text
+        return check
+
+    return mark
+
+
+@_describe("> 0")
 def positive(name: str, value: object) -> None:
     """value > 0 and finite."""
     v = _number(name, value)
@@ -43,6 +54,7 @@ def positive(name: str, value: object) -> None:
         raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
 
 
+@_describe(">= 0")
 def non_negative(name: str, value: object) -> None:
     """value >= 0 and finite."""
     v = _number(name, value)
@@ -50,6 +62,7 @@ def non_negative(name: str, value: object) -> None:
         raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
+@_describe("[0, 1)")
 def in_unit_interval_closed_open(name: str, value: object) -> None:
     """0 <= value < 1 (momentum, dropout)."""
     v = _number(name, value)
@@ -66,7 +79,7 @@ def at_least(minimum: int) -> Check:
         if value < minimum:
             raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
-    return check
+    return _describe(f"integer >= {minimum}")(check)
 
 
 def at_most(maximum: int) -> Check:
@@ -77,7 +90,7 @@ def at_most(maximum: int) -> Check:
         if value > maximum:  # type: ignore[operator]
             raise ConfigError(f"{name} must be an integer in [1, {maximum:g}], got {value!r}")
 
-    return check
+    return _describe(f"integer in [1, {maximum:g}]")(check)
 
 
 def in_range(low: float, high: float, *, low_open: bool = True) -> Check:
@@ -90,14 +103,16 @@ def in_range(low: float, high: float, *, low_open: bool = True) -> Check:
             bracket = "(" if low_open else "["
             raise ConfigError(f"{name} must be in {bracket}{low:g}, {high:g}], got {value!r}")
 
-    return check
+    return _describe(f"{'(' if low_open else '['}{low:g}, {high:g}]")(check)
 
 
+@_describe("> 0")
 def check_epsilon(name: str, value: object) -> None:
     """A target epsilon: finite and > 0."""
     positive(name, value)
 
 
+@_describe("(0, 1)")
 def check_delta(name: str, value: object) -> None:
     """A delta: 0 < delta < 1."""
     v = _number(name, value)
@@ -105,6 +120,7 @@ def check_delta(name: str, value: object) -> None:
         raise ConfigError(f"{name} must be in (0, 1), got {value!r}")
 
 
+@_describe("(0, 1]")
 def check_sample_rate(name: str, value: object) -> None:
     """A sampling probability: 0 < q <= 1."""
     v = _number(name, value)
@@ -112,6 +128,7 @@ def check_sample_rate(name: str, value: object) -> None:
         raise ConfigError(f"{name} must be in (0, 1], got {value!r}")
 
 
+@_describe(">= 0 (0: no privacy)")
 def check_noise_multiplier(name: str, value: object) -> None:
     """A noise multiplier: finite and >= 0 (0 means no privacy: epsilon is infinite)."""
     non_negative(name, value)

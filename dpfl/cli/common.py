@@ -47,7 +47,11 @@ ConfigOption = Annotated[
 ]
 SetOption = Annotated[
     list[str] | None,
-    typer.Option("--set", help="Override a config key: section.key=value (repeatable)."),
+    typer.Option(
+        "--set",
+        help="Override a config key: section.key=value (repeatable; every key, its default and "
+        "range: dpfl config show).",
+    ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 PlotOption = Annotated[

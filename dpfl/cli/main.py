@@ -65,7 +65,8 @@ class DpflGroup(TyperGroup):
 app = typer.Typer(
     cls=DpflGroup,
     name="dpfl",
-    help="Differentially private and federated training.",
+    help="Differentially private and federated training. Every config key, its default and "
+    "range: dpfl config show.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -90,11 +91,28 @@ def _root(
 
 
 # Commands register themselves on `app` when their modules are imported.
-from dpfl.cli import audit, budget, optimizers, runs, simulate, train  # noqa: E402,F401
+from dpfl.cli import audit, budget, config_cmd, optimizers, runs, simulate, train  # noqa: E402,F401
+
+
+#: libraries whose Python warnings are not shown by the CLI (they speak of their own internals,
+#: e.g. Opacus' "secure RNG turned off"; dpfl checks what matters and says it in its own words).
+#: DPFL_SHOW_WARNINGS=1 shows them.
+QUIET_LIBRARIES = ("opacus", "torch", "flwr", "ray", "transformers", "peft", "dp_accounting")
+
+
+def _quiet_library_warnings() -> None:
+    import os
+    import warnings
+
+    if os.environ.get("DPFL_SHOW_WARNINGS") == "1":
+        return
+    for lib in QUIET_LIBRARIES:
+        warnings.filterwarnings("ignore", module=rf"{lib}(\.|$)")
 
 
 def main() -> None:
     """Console-script entry point."""
+    _quiet_library_warnings()
     app()
 
 

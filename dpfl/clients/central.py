@@ -18,7 +18,7 @@ from dpfl.clients.local_train import (
     train_non_private,
     train_private,
 )
-from dpfl.config import Config
+from dpfl.config import CLIP_LR_PER_STEP, Config
 from dpfl.data import load_dataset
 from dpfl.device import resolve_device
 from dpfl.models import create_model
@@ -45,7 +45,7 @@ def privacy_kwargs(cfg: Config) -> dict[str, Any]:
         "clip_options": {
             "gamma": p.automatic_gamma,
             "target_quantile": p.target_quantile,
-            "clip_lr": p.clip_lr,
+            "clip_lr": CLIP_LR_PER_STEP if p.clip_lr is None else p.clip_lr,
             "count_noise_std": p.count_noise_std,
         },
         "dicesgd_options": {
@@ -154,7 +154,8 @@ def planned_steps(cfg: Config, n_train: int) -> int:
 def _finish(cfg, model, data, run, monitor, result, eps, sigma, planned) -> CentralResult:
     loss, acc = evaluate(model, data.test)
     if result.stopped == "completed":
-        verdict = monitor.final(loss)
+        one_epoch = math.ceil(len(data.train) / cfg.data.batch_size)
+        verdict = monitor.final(loss, judged=result.steps >= one_epoch)
         if verdict is not None:
             result.stopped, result.budget_message = verdict
     if run is not None:

@@ -7,8 +7,9 @@ central run's test set, which is not training data), evaluated at the points whe
 already evaluates (every epoch, every round). Post-processing of released values: free.
 
 Rules (our choice): *diverged* when the parameters stop being finite, or the held-out loss is
-NaN/Inf or more than ``factor`` (10) times the loss of the initial model; *no progress* when the
-run ends with a held-out loss that is not below the initial one.
+NaN/Inf or more than ``factor`` (10) times the loss of the initial model; *no progress* when a
+run long enough to be judged (at least one epoch; at least 3 aggregated rounds) ends with a
+held-out loss less than 1% below the initial one.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ __all__ = ["StopTraining", "TrainingMonitor"]
 
 #: how many times its initial held-out loss a run's loss may grow before it is called diverged
 DIVERGENCE_FACTOR = 10.0
+#: the least relative decrease of the held-out loss that counts as progress
+MIN_PROGRESS = 0.01
 
 
 class StopTraining(Exception):
@@ -74,16 +77,17 @@ class TrainingMonitor:
                 f"{self.factor:g}x its initial {self.initial_loss:.4g}" + _hint(self.lr),
             )
 
-    def final(self, loss: float) -> tuple[str, str] | None:
-        """(status, message) if the finished run made no progress, else None."""
+    def final(self, loss: float, judged: bool = True) -> tuple[str, str] | None:
+        """(status, message) if the finished run diverged or (when long enough to be
+        ``judged``) made no progress, else None."""
         try:
             self.check_loss(loss, "the end")
         except StopTraining as e:
             return e.status, e.message
-        if loss >= self.initial_loss:
+        if judged and loss > (1 - MIN_PROGRESS) * self.initial_loss:
             return (
                 "no-progress",
-                f"no progress: held-out loss {loss:.4g} at the end is not below its initial "
+                f"no progress: held-out loss {loss:.4g} at the end is not 1% below its initial "
                 f"{self.initial_loss:.4g} (raise optimizer.lr, train longer, or spend more "
                 "privacy budget)",
             )

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 
 from dpfl.accountants import PrivacyLedger, calibrate_noise, steps_for_epochs
 from dpfl.accountants.ledger import Sink
+from dpfl.config import CLIP_LR_PER_STEP
 from dpfl.device import to_device
 from dpfl.errors import ConfigError, IncompatibleModelError
 from dpfl.privacy.boundaries import (
@@ -99,7 +100,7 @@ def make_clip_policy(
         return AdaptiveClip(
             clip_norm,
             target_quantile=options.get("target_quantile", 0.5),
-            lr=options.get("clip_lr", 0.2),
+            lr=options.get("clip_lr", CLIP_LR_PER_STEP),
             count_noise_std=options.get("count_noise_std"),
         )
     raise ConfigError(f"unknown clipping {clipping!r}; valid: {', '.join(CLIPPINGS)}")

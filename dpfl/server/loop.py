@@ -260,7 +260,7 @@ def run_rounds(
         stopped = "failed"
         message = f"no round aggregated a valid reply (most common reason: {common})"
     elif stopped == "completed":
-        verdict = monitor.final(loss)
+        verdict = monitor.final(loss, judged=len(history) >= 3)
         if verdict is not None:
             stopped, message = verdict
     return FederationResult(

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from dpfl.accountants import PrivacyLedger
-from dpfl.config import Config
+from dpfl.config import CLIP_LR_PER_ROUND, Config
 from dpfl.errors import ConfigError
 from dpfl.privacy.noise import gaussian_like
 from dpfl.registry import Registry
@@ -131,7 +131,8 @@ class DPFedAvg(Strategy):
         self.expected_clients = f.fraction * f.num_clients
         self.clip = p.clip_norm
         self.adaptive = p.clipping == "adaptive"
-        self.target_quantile, self.clip_lr = p.target_quantile, p.clip_lr
+        self.target_quantile = p.target_quantile
+        self.clip_lr = CLIP_LR_PER_ROUND if p.clip_lr is None else p.clip_lr
         self.count_std = p.count_noise_std or self.expected_clients / 20
         self.server_lr = f.server_lr
         self.ledger = ledger
