@@ -255,7 +255,7 @@ def run_rounds(
         if stopped != "completed":
             break
 
-    if stopped == "completed" and completed < first:
+    if stopped == "completed" and completed == 0 and first <= cfg.federation.rounds:
         common = max(drops, key=drops.get) if drops else "no client was sampled"
         stopped = "failed"
         message = f"no round aggregated a valid reply (most common reason: {common})"
