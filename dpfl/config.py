@@ -43,10 +43,10 @@ from dpfl.sources import resolve_data_source, resolve_model_source
 from dpfl.validation import (
     at_least,
     at_most,
-    in_range,
     check_delta,
     check_epsilon,
     check_noise_multiplier,
+    in_range,
     in_unit_interval_closed_open,
     non_negative,
     positive,
@@ -376,9 +376,7 @@ class DataConfig(_Section):
     physical_batch_size: int | None = _opt(
         None, check=at_least(1), doc="largest batch held in memory (virtual steps above it)"
     )
-    test_fraction: float = _opt(
-        0.2, doc="held-out fraction for evaluation", allowed="(0, 1)"
-    )
+    test_fraction: float = _opt(0.2, doc="held-out fraction for evaluation", allowed="(0, 1)")
 
     def _validate(self) -> None:
         if not (0 < self.test_fraction < 1):
@@ -457,9 +455,7 @@ class FederationConfig(_Section):
     clients_per_round: int | None = _opt(
         None, check=at_least(1), doc="fixed number of clients per round (not with user-level DP)"
     )
-    local_epochs: float = _opt(
-        1.0, check=in_range(0, MAX_EPOCHS), doc="local passes per round"
-    )
+    local_epochs: float = _opt(1.0, check=in_range(0, MAX_EPOCHS), doc="local passes per round")
     local_steps: int | None = _opt(None, check=at_least(1), doc="local steps per round (cap)")
     partition: str = _opt("iid", choices=("iid", "dirichlet", "classes"), doc="data split")
     dirichlet_alpha: float = _opt(0.5, check=positive, doc="Dirichlet concentration")

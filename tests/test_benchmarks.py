@@ -69,3 +69,22 @@ def test_simulation_benchmark_quick_reproduces_the_plain_loop():
 def test_audit_benchmark_prints_time_and_width_ratio():
     figures = quick("audit.py")
     assert figures["interval_seconds"] > 0 and 0 < figures["width_ratio_vs_cp"] < 1
+
+
+def test_startup_benchmark_prints_times_and_ratios_to_typer():
+    figures = quick("startup.py")
+    assert figures["import_typer"] > 0
+    for name in ("dpfl_help", "dpfl_epsilon"):
+        assert figures[f"{name}_vs_typer"] == figures[name] / figures["import_typer"]
+
+
+@pytest.mark.slow
+def test_default_lr_benchmark_quick_reports_the_tables_defaults():
+    figures = quick("default_lr.py")
+    from dpfl.optim.defaults import DEFAULT_LR
+
+    for name in ("sgd", "adam"):
+        for i, mode in enumerate(("dp", "plain")):
+            row = figures[f"{name}/{mode}"]
+            assert row["default_lr"] == DEFAULT_LR[name][i]
+            assert row["accuracy_at_default"] >= 0.5

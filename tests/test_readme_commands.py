@@ -77,7 +77,10 @@ def readme_blocks() -> list[list[str]]:
     for block in blocks("bash"):
         lines = command_lines(block)
         if any(any(x in ln for x in NOT_RUN) for ln in lines):
-            if any(ln.startswith("python3 -m pip install -c constraints.txt -e . && dpfl") for ln in lines):
+            if any(
+                ln.startswith("python3 -m pip install -c constraints.txt -e . && dpfl")
+                for ln in lines
+            ):
                 chosen.append(["dpfl simulate"])  # the main job, after its install
             continue
         chosen.append([instantiate(ln) for ln in lines])
@@ -110,14 +113,19 @@ def test_the_readme_blocks_are_found():
 
 @pytest.mark.slow
 def test_every_readme_command_runs(tmp_path):
-    for name, code in (("make_data.py", None), ("mymodels.py", None)):
+    for name in ("make_data.py", "mymodels.py"):
         src = next(b for b in blocks("python") if b.startswith(f"# {name}"))
         (tmp_path / name).write_text(src, encoding="utf-8")
     phases = next(b for b in blocks("toml") if "[[phases]]" in b)
     (tmp_path / "phases.toml").write_text(phases, encoding="utf-8")
     store = tmp_path / "dpfl-runs.sqlite"
-    env = dict(os.environ, DPFL_STORE=str(store), PYTHONPATH=f"{tmp_path}:{ROOT}",
-               OMP_NUM_THREADS="1", FLWR_TELEMETRY_ENABLED="0")
+    env = dict(
+        os.environ,
+        DPFL_STORE=str(store),
+        PYTHONPATH=f"{tmp_path}:{ROOT}",
+        OMP_NUM_THREADS="1",
+        FLWR_TELEMETRY_ENABLED="0",
+    )
     dpfl = [sys.executable, "-m", "dpfl"]
     for block in readme_blocks():
         for cmd in block:
@@ -137,8 +145,9 @@ def test_every_readme_command_runs(tmp_path):
                     args = [run["id"] if a == "RUN" else a for a in args]
                 argv = dpfl + args + (_prefix(SHORTER, cmd) or [])
             before = len(RunStore(store).list_runs()) if store.exists() else 0
-            out = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True,
-                                 timeout=600)
+            out = subprocess.run(
+                argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+            )
             assert out.returncode == 0, f"{cmd}\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
             assert "Traceback" not in out.stderr, cmd
             floor = _prefix(FLOORS, cmd)

@@ -35,6 +35,7 @@ from dpfl.clients.central import privacy_kwargs
 from dpfl.clients.local_train import train_non_private, train_private
 from dpfl.config import Config
 from dpfl.data import load_dataset
+from dpfl.device import resolve_device
 from dpfl.errors import ConfigError
 from dpfl.models import create_model
 from dpfl.optim import create_optimizer
@@ -61,7 +62,8 @@ def _mislabel(y: torch.Tensor, classes: int, rng: np.random.Generator) -> torch.
 @torch.no_grad()
 def _losses(model, x, y) -> np.ndarray:
     model.eval()
-    out = F.cross_entropy(model(x), y, reduction="none").numpy()
+    device = next(model.parameters()).device
+    out = F.cross_entropy(model(x.to(device)), y.to(device), reduction="none").cpu().numpy()
     model.train()
     return out
 
@@ -87,6 +89,7 @@ def run_audit(
     bits: list[bool] = []
     eps_theory = 0.0
     for k in range(models):
+        device = resolve_device(cfg.training.device)
         rng = np.random.default_rng([cfg.seed, k])
         idx = rng.choice(len(y_all), size=canaries, replace=False)
         member = rng.random(canaries) < 0.5
@@ -100,8 +103,8 @@ def run_audit(
             channels=data.channels,
             image_size=data.image_size,
             num_classes=data.num_classes,
-        )
-        opt = create_optimizer(cfg.optimizer, model)
+        ).to(device)
+        opt = create_optimizer(cfg.optimizer, model, private=cfg.privacy.enabled)
         loader = DataLoader(
             TensorDataset(train_x, train_y), batch_size=cfg.data.batch_size, shuffle=True
         )

@@ -11,13 +11,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from dpfl.accountants import steps_for_epochs
-from dpfl.clients.monitor import TrainingMonitor
 from dpfl.clients.local_train import (
     LocalTrainResult,
     evaluate,
     train_non_private,
     train_private,
 )
+from dpfl.clients.monitor import TrainingMonitor
 from dpfl.config import CLIP_LR_PER_STEP, Config
 from dpfl.data import load_dataset
 from dpfl.device import resolve_device
@@ -77,9 +77,9 @@ def train_central(
     """Trains ``cfg.model`` on ``cfg.data`` with the configured privacy; records to ``run``.
 
     ``on_step(step, planned, loss)`` reports progress, ``on_epoch(epoch, metrics)`` the held-out
-    evaluation after each epoch (``test_accuracy``, ``test_loss``, ``epsilon``, ``step``). A run that diverges stops early and one
-    that makes no progress is reported as such (``result.train.stopped``, see
-    :mod:`dpfl.clients.monitor`).
+    evaluation after each epoch (``test_accuracy``, ``test_loss``, ``epsilon``). A run that
+    diverges stops early and one that makes no progress is reported as such
+    (``result.train.stopped``, see :mod:`dpfl.clients.monitor`).
     """
     torch.manual_seed(cfg.seed)
     data = load_dataset(cfg.data, cfg.seed)
@@ -139,7 +139,9 @@ def train_central(
         )
     finally:
         pt.detach()
-    return _finish(cfg, model, data, run, monitor, result, pt.epsilon(), pt.noise_multiplier, planned)
+    return _finish(
+        cfg, model, data, run, monitor, result, pt.epsilon(), pt.noise_multiplier, planned
+    )
 
 
 def planned_steps(cfg: Config, n_train: int) -> int:

@@ -52,6 +52,7 @@ from dpfl.clients.proximal import ProximalOptimizer
 from dpfl.config import Config
 from dpfl.data import load_dataset
 from dpfl.data.partition import partition_indices, train_test_split_indices
+from dpfl.device import resolve_device
 from dpfl.errors import ConfigError
 from dpfl.models import create_model
 from dpfl.optim import create_optimizer
@@ -175,7 +176,9 @@ def _optimizer(
     if saved is not None and cfg.optimizer.local_state == "persist":
         opt.load_state_dict(torch.load(io.BytesIO(saved), weights_only=False))
     if cfg.federation.strategy == "fedprox" and cfg.federation.proximal_mu > 0:
-        anchor = [global_state[n] for n, p in model.named_parameters() if p.requires_grad]
+        anchor = [
+            global_state[n].to(p.device) for n, p in model.named_parameters() if p.requires_grad
+        ]
         opt = ProximalOptimizer(opt, anchor, cfg.federation.proximal_mu)
     return opt
 
@@ -214,7 +217,7 @@ def run_client_round(
     seed = _seed(cfg, server_round, partition_id, state.get("noise-secret"))
     torch.manual_seed(seed)
     train, test = client_datasets(cfg, partition_id)
-    model = _model(cfg)
+    model = _model(cfg).to(resolve_device(cfg.training.device))
     model.load_state_dict(global_state)
     metrics: dict[str, float] = {"partition-id": float(partition_id)}
     diagnostics: dict[str, float] = {}  # computed on this client's records: leave only if opted in
@@ -254,7 +257,7 @@ def _plain(cfg, model, opt, train, global_state, metrics, diagnostics, clip) -> 
     done = train_non_private(model, opt, loader, _local_steps(cfg, len(train)))
     # local-steps depends on len(train) (epochs / q, q = B / n): a diagnostic
     diagnostics.update({"train-loss": done.mean_loss, "local-steps": float(done.steps)})
-    new_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    new_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     if clip is None:
         return ClientResult("trained", new_state, len(train), metrics)
     clipped, norm = flat_clip(subtract(new_state, global_state), clip)
@@ -316,6 +319,6 @@ def _sample_level(
     diagnostics.update({"train-loss": result.mean_loss, "local-steps": float(result.steps)})
     if result.steps == 0:
         return ClientResult("budget-exhausted", None, len(train), metrics, phases)
-    new_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    new_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     metrics["budget-exhausted"] = float(result.stopped == "budget")
     return ClientResult("trained", new_state, len(train), metrics, phases)

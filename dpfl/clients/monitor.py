@@ -68,7 +68,8 @@ class TrainingMonitor:
         """A held-out loss measured at ``where`` ("epoch 3", "round 2")."""
         if not math.isfinite(loss):
             raise StopTraining(
-                "diverged", f"training diverged: held-out loss is {loss} at {where}" + _hint(self.lr)
+                "diverged",
+                f"training diverged: held-out loss is {loss} at {where}" + _hint(self.lr),
             )
         if math.isfinite(self.initial_loss) and loss > self.factor * self.initial_loss:
             raise StopTraining(

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from dpfl.cli.main import app
 from dpfl.config import Config, describe_fields
+from dpfl.optim.defaults import DEFAULT_LR
 from dpfl.store import RunStore
 
 runner = CliRunner()
@@ -83,9 +84,7 @@ def test_bad_simulate_options_are_one_line_and_leave_no_run(tmp_path, args, frag
     assert runs_in(store) == []
 
 
-@pytest.mark.skipif(
-    __import__("torch").cuda.is_available(), reason="a CUDA device is present here"
-)
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA device is present here")
 def test_cuda_without_a_gpu_is_refused_up_front(tmp_path):
     store = tmp_path / "runs.sqlite"
     one_line(invoke("train", "--device", "cuda", "--store", str(store)), "no CUDA device")
@@ -95,8 +94,9 @@ def test_cuda_without_a_gpu_is_refused_up_front(tmp_path):
 # -- runs that diverge or make no progress: exit 1, status failed, one line -----------------------
 def test_a_diverging_run_stops_and_is_stored_failed(tmp_path):
     store = tmp_path / "runs.sqlite"
-    result = invoke("train", "--set", "optimizer.lr=1000", "--epochs", "3", "--json",
-                    "--store", str(store))
+    result = invoke(
+        "train", "--set", "optimizer.lr=1000", "--epochs", "3", "--json", "--store", str(store)
+    )
     line = one_line(result, "training diverged", code=1)
     assert "optimizer.lr is 1000" in line
     summary = json.loads(result.stdout)
@@ -107,8 +107,9 @@ def test_a_diverging_run_stops_and_is_stored_failed(tmp_path):
 
 def test_a_run_without_progress_is_not_completed(tmp_path):
     store = tmp_path / "runs.sqlite"
-    result = invoke("train", "--set", "optimizer.lr=1e-6", "--epochs", "1", "--json",
-                    "--store", str(store))
+    result = invoke(
+        "train", "--set", "optimizer.lr=1e-6", "--epochs", "1", "--json", "--store", str(store)
+    )
     one_line(result, "no progress", code=1)
     assert json.loads(result.stdout)["stopped"] == "no-progress"
     assert runs_in(store)[0]["status"] == "failed"
@@ -116,14 +117,21 @@ def test_a_run_without_progress_is_not_completed(tmp_path):
 
 def test_a_short_run_is_not_judged_for_progress(tmp_path):
     """Fewer steps than one epoch: too short to call stalled (the tests' and users' smoke runs)."""
-    result = invoke("train", "--set", "optimizer.lr=1e-6", "--set", "training.max-steps=3",
-                    "--json", "--store", str(tmp_path / "s.sqlite"))
+    result = invoke(
+        "train",
+        "--set",
+        "optimizer.lr=1e-6",
+        "--set",
+        "training.max-steps=3",
+        "--json",
+        "--store",
+        str(tmp_path / "s.sqlite"),
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["stopped"] == "completed"
 
 
-# -- defaults that train ----------------------------------------------------------------------------
-SOLVERS = [f.default for f in dataclasses.fields(Config().optimizer) if f.name == "name"]
+# -- defaults that train --------------------------------------------------------------------------
 
 
 def _accuracy(*args) -> float:
@@ -133,7 +141,7 @@ def _accuracy(*args) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("solver", sorted(__import__("dpfl.optim.defaults").optim.defaults.DEFAULT_LR))
+@pytest.mark.parametrize("solver", sorted(DEFAULT_LR))
 def test_every_solver_trains_with_its_default_lr_under_dp(solver):
     # floor: 0.5 on 10 classes (chance 0.1); the sweep's figures are 0.6 (drop-muon) .. 0.94
     assert _accuracy("--optimizer", solver) >= 0.5
@@ -159,7 +167,7 @@ def test_adam_trains_with_its_default():
     assert _accuracy("--optimizer", "adam") >= 0.8
 
 
-# -- progress without a terminal -------------------------------------------------------------------
+# -- progress without a terminal ------------------------------------------------------------------
 def test_progress_lines_without_a_terminal_and_json_stays_one_object(tmp_path):
     result = invoke("train", "--epochs", "2", "--json", "--store", str(tmp_path / "s.sqlite"))
     assert result.exit_code == 0
@@ -171,7 +179,7 @@ def test_progress_lines_without_a_terminal_and_json_stays_one_object(tmp_path):
     assert plain.stdout.count("\nepoch ") + plain.stdout.startswith("epoch ") == 2
 
 
-# -- dpfl config show -------------------------------------------------------------------------------
+# -- dpfl config show -----------------------------------------------------------------------------
 def test_config_show_lists_every_key_with_default_range_and_meaning():
     result = invoke("config", "show", "--json")
     assert result.exit_code == 0, result.output
@@ -179,9 +187,8 @@ def test_config_show_lists_every_key_with_default_range_and_meaning():
     expected = {"name", "seed"} | {
         f"{section}.{f.name.replace('_', '-')}"
         for section in Config().to_dict()
-        if isinstance(getattr(Config(), section), object) and dataclasses.is_dataclass(
-            getattr(Config(), section)
-        )
+        if isinstance(getattr(Config(), section), object)
+        and dataclasses.is_dataclass(getattr(Config(), section))
         for f in dataclasses.fields(getattr(Config(), section))
     }
     assert set(shown) == expected
@@ -206,7 +213,7 @@ def test_help_points_to_config_show():
         assert "dpfl config show" in text, args
 
 
-# -- start-up ----------------------------------------------------------------------------------------
+# -- start-up -------------------------------------------------------------------------------------
 def test_cli_start_up_does_not_import_torch_or_flower():
     code = (
         "import sys; import dpfl.cli.main; "
