@@ -174,6 +174,26 @@ def test_failing_client_is_dropped_and_user_level_dp_fails_closed(store_path):
     assert all(r["status"] == "skipped" and "fail closed" in r["info"]["reason"] for r in rounds)
     assert any("disk on fire" in d["reason"] for d in rounds[0]["info"]["dropped"])
     assert events == []  # nothing released, nothing accounted
+    # a run that aggregated nothing is not "completed" (it said so with exit 0 before)
+    assert result.stopped == "failed" and "no round aggregated" in result.message
+    assert "fail closed" in result.message or "disk on fire" in result.message
+
+
+def test_a_run_whose_every_client_refuses_fails_with_the_reason(store_path):
+    def refusing(msg, ctx):
+        raise RuntimeError("target epsilon cannot be met")
+
+    cfg = cfg_with("privacy.noise-multiplier=1.0")
+    result = run_rounds(InProcessGrid(_wrapped(refusing), 4), cfg)
+    assert result.rounds_completed == 0 and result.stopped == "failed"
+    assert "target epsilon cannot be met" in result.message
+
+
+def test_a_diverging_federation_stops_at_the_round_it_diverges(store_path):
+    cfg = cfg_with("privacy.enabled=false", "optimizer.lr=1000", "federation.rounds=4")
+    result = run_rounds(InProcessGrid(_wrapped(dpfl_train), 4), cfg)
+    assert result.stopped == "diverged" and "held-out loss" in result.message
+    assert result.rounds_completed < 4
 
 
 def test_non_dp_run_tolerates_a_failing_client(store_path):
