@@ -11,7 +11,6 @@ will do it). Keys that the command does not use are refused rather than ignored.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from dpfl.config import Config, LoraConfig
@@ -125,7 +124,7 @@ def check_train(cfg: Config, explicit: set[str] = frozenset()) -> None:  # type:
 def check_simulate(cfg: Config, explicit: set[str] = frozenset()) -> None:  # type: ignore[assignment]
     """Everything ``dpfl simulate`` needs, checked before it starts: the data and its split into
     clients, every client's privacy plan, the server's noise."""
-    from dpfl.clients.federated import _local_steps, _participation, client_datasets
+    from dpfl.clients.federated import _local_steps, calibration_plan, client_datasets
     from dpfl.data import load_dataset
     from dpfl.device import resolve_device
 
@@ -146,7 +145,6 @@ def check_simulate(cfg: Config, explicit: set[str] = frozenset()) -> None:  # ty
             f"data.batch-size ({cfg.data.batch_size}) exceeds every client's training records "
             f"(largest client: {max(sizes)}; the sample rate would be 1): lower it"
         )
-    rounds_per_client = max(1, math.ceil(f.rounds * _participation(cfg)))
     _check_steps(
         f.rounds * max(_local_steps(cfg, n) for n in sizes), "federation.rounds x local steps"
     )
@@ -158,7 +156,7 @@ def check_simulate(cfg: Config, explicit: set[str] = frozenset()) -> None:  # ty
         return
     seen: set[tuple[float, int]] = set()
     for pid, n in enumerate(sizes):  # what each client will calibrate at its first round
-        plan = (min(cfg.data.batch_size / n, 1.0), rounds_per_client * _local_steps(cfg, n))
+        plan = calibration_plan(cfg, n)
         if plan not in seen:
             seen.add(plan)
             _calibrate(cfg, plan[0], plan[1], f"client {pid} ({n} records)")

@@ -146,6 +146,15 @@ def _local_steps(cfg: Config, n_train: int) -> int:
     return min(steps, cfg.federation.local_steps) if cfg.federation.local_steps else steps
 
 
+def calibration_plan(cfg: Config, n_train: int) -> tuple[float, int]:
+    """(sample rate, steps) a client with ``n_train`` records calibrates its noise for at its
+    first round under a target epsilon: its expected participations times its local steps
+    (``dpfl simulate`` checks every client's plan with this before the run starts)."""
+    q = min(cfg.data.batch_size / n_train, 1.0)
+    planned_rounds = max(1, math.ceil(cfg.federation.rounds * _participation(cfg)))
+    return q, planned_rounds * _local_steps(cfg, n_train)
+
+
 def _participation(cfg: Config) -> float:
     f = cfg.federation
     return f.clients_per_round / f.num_clients if f.clients_per_round else f.fraction
@@ -276,20 +285,15 @@ def _sample_level(
         own if sum(p.steps for p in own) >= sum(p.steps for p in server_history) else server_history
     )
     ledger = _history_ledger(cfg, who, history)
-    q = min(cfg.data.batch_size / len(train), 1.0)
     local = _local_steps(cfg, len(train))
     sigma = state.get("sigma") or (history[0].noise_multiplier if history else None)
     if sigma is None:
         if cfg.privacy.noise_multiplier is not None:
             sigma = cfg.privacy.noise_multiplier
         else:
-            planned_rounds = max(1, math.ceil(cfg.federation.rounds * _participation(cfg)))
+            q, planned = calibration_plan(cfg, len(train))
             sigma = calibrate_noise(
-                cfg.privacy.target_epsilon,
-                cfg.privacy.delta,
-                q,
-                planned_rounds * local,
-                cfg.privacy.accountant,
+                cfg.privacy.target_epsilon, cfg.privacy.delta, q, planned, cfg.privacy.accountant
             ).noise_multiplier
     state["sigma"] = sigma
     kwargs = privacy_kwargs(cfg)
