@@ -99,6 +99,12 @@ def describe_fields() -> list[dict[str, Any]]:
             "allowed": "integer in [0, 2**63 - 1]",
             "doc": "seeds data splits, models, sampling and noise",
         },
+        {
+            "key": "task",
+            "default": "image-classification",
+            "allowed": " | ".join(TASK_NAMES),
+            "doc": "what gets trained: its data, model, per-record loss and evaluation",
+        },
     ]
     for section, cls in _SECTIONS.items():
         hints = _field_types(cls)
@@ -530,7 +536,10 @@ _SECTIONS: dict[str, type[_Section]] = {
         StoreConfig,
     )
 }
-_TOP_LEVEL = ("name", "seed")
+_TOP_LEVEL = ("name", "seed", "task")
+
+#: what gets trained (dpfl.tasks); text-classification and causal-lm come with LoRA fine-tuning
+TASK_NAMES = ("image-classification",)
 
 # Setting one key of a pair unsets the other (see the module docstring).
 _EXCLUSIVE = {
@@ -545,6 +554,7 @@ class Config:
 
     name: str = "dpfl"
     seed: int = 0
+    task: str = "image-classification"
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -563,6 +573,8 @@ class Config:
             or not 0 <= self.seed <= MAX_SEED
         ):
             raise ConfigError(f"seed must be an integer in [0, 2**63 - 1], got {self.seed!r}")
+        if self.task not in TASK_NAMES:
+            raise ConfigError(f"task must be one of {', '.join(TASK_NAMES)}; got {self.task!r}")
         user_dp = self.privacy.enabled and self.privacy.level == "user"
         if user_dp != (self.federation.strategy == "dp-fedavg"):
             raise ConfigError(
@@ -612,14 +624,14 @@ class Config:
 
     # -- export -----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"name": self.name, "seed": self.seed}
+        out: dict[str, Any] = {"name": self.name, "seed": self.seed, "task": self.task}
         for section in _SECTIONS:
             out[section] = getattr(self, section).to_dict()
         return out
 
     def to_flat(self) -> dict[str, Any]:
         """Dotted scalar keys, the shape of Flower's ``run_config``."""
-        flat: dict[str, Any] = {"name": self.name, "seed": self.seed}
+        flat: dict[str, Any] = {"name": self.name, "seed": self.seed, "task": self.task}
         for section in _SECTIONS:
             for key, value in getattr(self, section).to_dict().items():
                 flat[f"{section}.{key}"] = value

@@ -65,14 +65,11 @@ def _calibrate(cfg: Config, sample_rate: float, steps: int, who: str) -> None:
         ) from None
 
 
-def _check_model(cfg: Config, data, private: bool):
+def _check_model(cfg: Config, task, data, private: bool):
     """Builds the model and optimizer; ``private``: trained by DP-SGD (sample-level DP)."""
-    from dpfl.models import create_model
     from dpfl.optim import create_optimizer
 
-    model = create_model(
-        cfg.model, channels=data.channels, image_size=data.image_size, num_classes=data.num_classes
-    )
+    model = task.build_model(data)
     if private:
         from dpfl.privacy.boundaries import backend_refusals, validate_model
 
@@ -97,12 +94,13 @@ def _check_steps(planned: int, what: str) -> None:
 def check_train(cfg: Config, explicit: set[str] = frozenset()) -> None:  # type: ignore[assignment]
     """Everything ``dpfl train`` needs, checked before it starts."""
     from dpfl.clients.central import planned_steps
-    from dpfl.data import load_dataset
     from dpfl.device import resolve_device
+    from dpfl.tasks import get_task
 
     _refuse_unused(cfg, "train", explicit)
     resolve_device(cfg.training.device)
-    data = load_dataset(cfg.data, cfg.seed)
+    task = get_task(cfg)
+    data = task.load_data()
     n = len(data.train)
     if n < 2 or len(data.test) < 1:
         raise ConfigError(
@@ -116,7 +114,7 @@ def check_train(cfg: Config, explicit: set[str] = frozenset()) -> None:  # type:
         )
     planned = planned_steps(cfg, n)
     _check_steps(planned, f"training.epochs={cfg.training.epochs:g}")
-    _check_model(cfg, data, cfg.privacy.enabled)
+    _check_model(cfg, task, data, cfg.privacy.enabled)
     if cfg.privacy.enabled and cfg.privacy.target_epsilon is not None:
         _calibrate(cfg, cfg.data.batch_size / n, planned, "the central run")
 
@@ -125,13 +123,14 @@ def check_simulate(cfg: Config, explicit: set[str] = frozenset()) -> None:  # ty
     """Everything ``dpfl simulate`` needs, checked before it starts: the data and its split into
     clients, every client's privacy plan, the server's noise."""
     from dpfl.clients.federated import _local_steps, calibration_plan, client_datasets
-    from dpfl.data import load_dataset
     from dpfl.device import resolve_device
+    from dpfl.tasks import get_task
 
     _refuse_unused(cfg, "simulate", explicit)
     resolve_device(cfg.training.device)
     f, p = cfg.federation, cfg.privacy
-    data = load_dataset(cfg.data, cfg.seed)
+    task = get_task(cfg)
+    data = task.load_data()
     sizes = [len(client_datasets(cfg, pid)[0]) for pid in range(f.num_clients)]
     empty = [pid for pid, n in enumerate(sizes) if n == 0]
     if empty:
@@ -148,7 +147,7 @@ def check_simulate(cfg: Config, explicit: set[str] = frozenset()) -> None:  # ty
     _check_steps(
         f.rounds * max(_local_steps(cfg, n) for n in sizes), "federation.rounds x local steps"
     )
-    _check_model(cfg, data, p.enabled and p.level == "sample")
+    _check_model(cfg, task, data, p.enabled and p.level == "sample")
     if not (p.enabled and p.target_epsilon is not None):
         return
     if p.level == "user":

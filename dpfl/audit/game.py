@@ -34,12 +34,11 @@ from dpfl.audit.posterior import AttackCounts, EpsilonInterval, estimate
 from dpfl.clients.central import privacy_kwargs
 from dpfl.clients.local_train import train_non_private, train_private
 from dpfl.config import Config
-from dpfl.data import load_dataset
 from dpfl.device import resolve_device
 from dpfl.errors import ConfigError
-from dpfl.models import create_model
 from dpfl.optim import create_optimizer
 from dpfl.privacy import make_private
+from dpfl.tasks import get_task
 
 __all__ = ["AuditResult", "run_audit"]
 
@@ -80,9 +79,16 @@ def run_audit(
         raise ConfigError("an audit needs at least 1 model and 2 canaries per model")
     if not 0 < shadow_fpr < 1:
         raise ConfigError(f"shadow-fpr must be in (0, 1), got {shadow_fpr}")
-    data = load_dataset(cfg.data, cfg.seed)
+    if cfg.task != "image-classification":
+        raise ConfigError(
+            f"dpfl audit run plants mislabelled canaries: it needs task image-classification, "
+            f"not {cfg.task!r}"
+        )
+    task = get_task(cfg)
+    data = task.load_data()
     x_all, y_all = data.train.tensors
     x_test, y_test = data.test.tensors
+    num_classes = data.info["num_classes"]
     if canaries >= len(y_all) // 2:
         raise ConfigError(f"{canaries} canaries per model is too many for {len(y_all)} samples")
     guesses = {"loss": [], "score": []}
@@ -93,17 +99,12 @@ def run_audit(
         rng = np.random.default_rng([cfg.seed, k])
         idx = rng.choice(len(y_all), size=canaries, replace=False)
         member = rng.random(canaries) < 0.5
-        cx, cy = x_all[idx], _mislabel(y_all[idx], data.num_classes, rng)
+        cx, cy = x_all[idx], _mislabel(y_all[idx], num_classes, rng)
         rest = np.setdiff1d(np.arange(len(y_all)), idx)
         train_x = torch.cat([x_all[rest], cx[member]])
         train_y = torch.cat([y_all[rest], cy[member]])
         torch.manual_seed(cfg.seed * 1000 + k)
-        model = create_model(
-            cfg.model,
-            channels=data.channels,
-            image_size=data.image_size,
-            num_classes=data.num_classes,
-        ).to(device)
+        model = task.build_model(data).to(device)
         opt = create_optimizer(cfg.optimizer, model, private=cfg.privacy.enabled)
         loader = DataLoader(
             TensorDataset(train_x, train_y), batch_size=cfg.data.batch_size, shuffle=True
@@ -124,7 +125,7 @@ def run_audit(
         train_loss = float(np.mean(_losses(model, x_all[rest][:512], y_all[rest][:512])))
         shadow_idx = rng.choice(len(y_test), size=min(len(y_test), 2 * canaries), replace=False)
         shadow_loss = _losses(
-            model, x_test[shadow_idx], _mislabel(y_test[shadow_idx], data.num_classes, rng)
+            model, x_test[shadow_idx], _mislabel(y_test[shadow_idx], num_classes, rng)
         )
         threshold = float(np.quantile(shadow_loss, shadow_fpr))
         guesses["loss"].extend((canary_loss <= train_loss).tolist())

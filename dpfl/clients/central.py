@@ -13,18 +13,16 @@ from torch.utils.data import DataLoader
 from dpfl.accountants import steps_for_epochs
 from dpfl.clients.local_train import (
     LocalTrainResult,
-    evaluate,
     train_non_private,
     train_private,
 )
 from dpfl.clients.monitor import TrainingMonitor
 from dpfl.config import CLIP_LR_PER_STEP, Config
-from dpfl.data import load_dataset
 from dpfl.device import resolve_device
-from dpfl.models import create_model
 from dpfl.optim import create_optimizer
 from dpfl.privacy import PrivateTraining, make_private
 from dpfl.store import RunHandle
+from dpfl.tasks import get_task
 
 __all__ = ["CentralResult", "privacy_kwargs", "train_central"]
 
@@ -82,18 +80,20 @@ def train_central(
     (``result.train.stopped``, see :mod:`dpfl.clients.monitor`).
     """
     torch.manual_seed(cfg.seed)
-    data = load_dataset(cfg.data, cfg.seed)
-    model = create_model(
-        cfg.model, channels=data.channels, image_size=data.image_size, num_classes=data.num_classes
-    )
+    task = get_task(cfg)
+    data = task.load_data()
+    model = task.build_model(data)
     model.to(resolve_device(cfg.training.device))
     optimizer = create_optimizer(cfg.optimizer, model, private=cfg.privacy.enabled)
     loader = DataLoader(data.train, batch_size=cfg.data.batch_size, shuffle=True)
     planned = planned_steps(cfg, len(data.train))
-    monitor = TrainingMonitor(evaluate(model, data.test)[0], lr=optimizer.param_groups[0]["lr"])
+    monitor = TrainingMonitor(
+        task.evaluate(model, data.test)["loss"], lr=optimizer.param_groups[0]["lr"]
+    )
 
     def log_epoch(epoch: int, model_: torch.nn.Module, eps: float) -> None:
-        loss, acc = evaluate(model_, data.test)
+        m = task.evaluate(model_, data.test)
+        loss, acc = m["loss"], m[task.metric]
         if run is not None:
             metrics = {"test_accuracy": acc, "test_loss": loss}
             if cfg.privacy.enabled:
@@ -116,8 +116,9 @@ def train_central(
             planned,
             step_hook,
             lambda e: log_epoch(e, model, math.inf),
+            loss_fn=task.per_sample_loss,
         )
-        return _finish(cfg, model, data, run, monitor, result, math.inf, None, planned)
+        return _finish(cfg, task, model, data, run, monitor, result, math.inf, None, planned)
 
     kwargs = privacy_kwargs(cfg)
     pt: PrivateTraining = make_private(
@@ -134,13 +135,14 @@ def train_central(
         result = train_private(
             pt,
             max_steps=planned,
+            loss_fn=task.per_sample_loss,
             on_step=step_hook,
             on_epoch=lambda e: log_epoch(e, pt.model, pt.epsilon()),
         )
     finally:
         pt.detach()
     return _finish(
-        cfg, model, data, run, monitor, result, pt.epsilon(), pt.noise_multiplier, planned
+        cfg, task, model, data, run, monitor, result, pt.epsilon(), pt.noise_multiplier, planned
     )
 
 
@@ -153,8 +155,9 @@ def planned_steps(cfg: Config, n_train: int) -> int:
     return planned
 
 
-def _finish(cfg, model, data, run, monitor, result, eps, sigma, planned) -> CentralResult:
-    loss, acc = evaluate(model, data.test)
+def _finish(cfg, task, model, data, run, monitor, result, eps, sigma, planned) -> CentralResult:
+    m = task.evaluate(model, data.test)
+    loss, acc = m["loss"], m[task.metric]
     if result.stopped == "completed":
         one_epoch = math.ceil(len(data.train) / cfg.data.batch_size)
         verdict = monitor.final(loss, judged=result.steps >= one_epoch)

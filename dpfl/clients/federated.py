@@ -47,17 +47,16 @@ from dpfl.accountants import (
     steps_for_epochs,
 )
 from dpfl.clients.central import privacy_kwargs
-from dpfl.clients.local_train import evaluate, train_non_private, train_private
+from dpfl.clients.local_train import train_non_private, train_private
 from dpfl.clients.proximal import ProximalOptimizer
 from dpfl.config import Config
-from dpfl.data import load_dataset
 from dpfl.data.partition import partition_indices, train_test_split_indices
 from dpfl.device import resolve_device
 from dpfl.errors import ConfigError
-from dpfl.models import create_model
 from dpfl.optim import create_optimizer
 from dpfl.privacy import make_private
 from dpfl.server.aggregation import flat_clip, subtract
+from dpfl.tasks import TaskData, get_task
 
 __all__ = [
     "ClientResult",
@@ -87,27 +86,30 @@ class ClientResult:
     optimizer_state: bytes | None = None  # with optimizer.local-state = "persist"
 
 
-def _source(cfg: Config) -> tuple[str, str | None, str]:
-    """What names the data set: a built-in name, or a reader, a file and its label column."""
-    return cfg.data.name, cfg.data.path, cfg.data.label_column
+def _source(cfg: Config) -> tuple:
+    """What the task's data depends on: the task, the data section and the seed."""
+    return cfg.task, cfg.data, cfg.seed
 
 
 @functools.lru_cache(maxsize=8)
-def _dataset(source: tuple[str, str | None, str], test_fraction: float, seed: int):
-    from dpfl.config import DataConfig
+def _task_data(source: tuple) -> TaskData:
+    task_name, data_cfg, seed = source
+    from dpfl.config import Config
 
-    name, path, label_column = source
-    return load_dataset(
-        DataConfig(name=name, path=path, label_column=label_column, test_fraction=test_fraction),
-        seed,
-    )
+    return get_task(Config(task=task_name, seed=seed, data=data_cfg)).load_data()
 
 
 @functools.lru_cache(maxsize=8)
 def _partitions(cfg_key: tuple) -> list[np.ndarray]:
-    source, test_fraction, seed, k, scheme, alpha, cpc = cfg_key
-    data = _dataset(source, test_fraction, seed)
-    labels = data.train.tensors[1].numpy()
+    source, k, scheme, alpha, cpc = cfg_key
+    task_name, data_cfg, seed = source
+    from dpfl.config import Config
+
+    task = get_task(Config(task=task_name, seed=seed, data=data_cfg))
+    data = _task_data(source)
+    labels = task.labels(data.train)
+    if labels is None:
+        labels = np.zeros(len(data.train), dtype=np.int64)  # no labels: only iid splits apply
     return partition_indices(labels, k, scheme, alpha=alpha, classes_per_client=cpc, seed=seed)
 
 
@@ -116,17 +118,9 @@ def client_datasets(cfg: Config, partition_id: int) -> tuple[TensorDataset | Sub
     f = cfg.federation
     if not (0 <= partition_id < f.num_clients):
         raise ConfigError(f"partition-id {partition_id} outside 0..{f.num_clients - 1}")
-    key = (
-        _source(cfg),
-        cfg.data.test_fraction,
-        cfg.seed,
-        f.num_clients,
-        f.partition,
-        f.dirichlet_alpha,
-        f.classes_per_client,
-    )
+    key = (_source(cfg), f.num_clients, f.partition, f.dirichlet_alpha, f.classes_per_client)
     idx = _partitions(key)[partition_id]
-    data = _dataset(_source(cfg), cfg.data.test_fraction, cfg.seed)
+    data = _task_data(_source(cfg))
     train_idx, test_idx = train_test_split_indices(
         idx, f.client_test_fraction, cfg.seed + partition_id
     )
@@ -134,10 +128,7 @@ def client_datasets(cfg: Config, partition_id: int) -> tuple[TensorDataset | Sub
 
 
 def _model(cfg: Config) -> torch.nn.Module:
-    data = _dataset(_source(cfg), cfg.data.test_fraction, cfg.seed)
-    return create_model(
-        cfg.model, channels=data.channels, image_size=data.image_size, num_classes=data.num_classes
-    )
+    return get_task(cfg).build_model(_task_data(_source(cfg)))
 
 
 def _local_steps(cfg: Config, n_train: int) -> int:
@@ -226,8 +217,9 @@ def run_client_round(
     seed = _seed(cfg, server_round, partition_id, state.get("noise-secret"))
     torch.manual_seed(seed)
     train, test = client_datasets(cfg, partition_id)
+    task = get_task(cfg)
     model = _model(cfg).to(resolve_device(cfg.training.device))
-    model.load_state_dict(global_state)
+    task.load_trainable_state(model, global_state)
     metrics: dict[str, float] = {"partition-id": float(partition_id)}
     diagnostics: dict[str, float] = {}  # computed on this client's records: leave only if opted in
     opt = _optimizer(cfg, model, global_state, optimizer_state)
@@ -253,8 +245,7 @@ def run_client_round(
         result.optimizer_state = buf.getvalue()
     if sends_diagnostics(cfg):
         if result.status == "trained" and len(test) > 0:
-            _, acc = evaluate(model, test)
-            diagnostics["local-test-accuracy"] = acc
+            diagnostics["local-test-accuracy"] = task.evaluate(model, test)[task.metric]
         diagnostics["num-examples"] = float(len(train))
         metrics.update(diagnostics)
     return result
@@ -263,10 +254,13 @@ def run_client_round(
 def _plain(cfg, model, opt, train, global_state, metrics, diagnostics, clip) -> ClientResult:
     """No DP on the client: the update is the model (or the clipped update for dp-fedavg)."""
     loader = DataLoader(train, batch_size=min(cfg.data.batch_size, len(train)), shuffle=True)
-    done = train_non_private(model, opt, loader, _local_steps(cfg, len(train)))
+    task = get_task(cfg)
+    done = train_non_private(
+        model, opt, loader, _local_steps(cfg, len(train)), loss_fn=task.per_sample_loss
+    )
     # local-steps depends on len(train) (epochs / q, q = B / n): a diagnostic
     diagnostics.update({"train-loss": done.mean_loss, "local-steps": float(done.steps)})
-    new_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    new_state = task.trainable_state(model)
     if clip is None:
         return ClientResult("trained", new_state, len(train), metrics)
     clipped, norm = flat_clip(subtract(new_state, global_state), clip)
@@ -311,7 +305,7 @@ def _sample_level(
         **kwargs,
     )
     try:
-        result = train_private(pt, max_steps=local)
+        result = train_private(pt, max_steps=local, loss_fn=get_task(cfg).per_sample_loss)
     finally:
         pt.detach()
     phases = merge_phases([e.phase() for e in ledger.events[before:]])
@@ -323,6 +317,6 @@ def _sample_level(
     diagnostics.update({"train-loss": result.mean_loss, "local-steps": float(result.steps)})
     if result.steps == 0:
         return ClientResult("budget-exhausted", None, len(train), metrics, phases)
-    new_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    new_state = get_task(cfg).trainable_state(model)
     metrics["budget-exhausted"] = float(result.stopped == "budget")
     return ClientResult("trained", new_state, len(train), metrics, phases)

@@ -115,6 +115,8 @@ def train_non_private(
     steps: int,
     on_step: Callable[[int, float], None] | None = None,
     on_epoch: Callable[[int], None] | None = None,
+    *,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy_per_sample,
 ) -> LocalTrainResult:
     """Plain minibatch training for ``steps`` steps (cycling the loader): baselines, and the
     local solver of clients whose privacy is provided elsewhere (user-level DP-FedAvg).
@@ -128,7 +130,7 @@ def train_non_private(
         for x, y in loader:
             x, y = x.to(device), y.to(device)
             optimizer.zero_grad()
-            loss = cross_entropy_per_sample(model(x), y).mean()
+            loss = loss_fn(model(x), y).mean()
             loss.backward()
             optimizer.step()
             done, loss_sum = done + 1, loss_sum + float(loss.detach())

@@ -34,10 +34,8 @@ from flwr.serverapp import Grid
 
 from dpfl.accountants import PrivacyLedger, calibrate_noise
 from dpfl.clients.federated import client_datasets
-from dpfl.clients.local_train import evaluate
 from dpfl.clients.monitor import StopTraining, TrainingMonitor
 from dpfl.config import Config
-from dpfl.data import load_dataset
 from dpfl.errors import PrivacyBudgetError
 from dpfl.federation_messages import (
     DIAGNOSTIC_METRICS,
@@ -46,10 +44,10 @@ from dpfl.federation_messages import (
     decode_phases,
     encode_phases,
 )
-from dpfl.models import create_model
 from dpfl.server.aggregation import check_state
 from dpfl.server.strategies import Reply, create_strategy
 from dpfl.store import UNCOVERED_PREFIX, RunHandle
+from dpfl.tasks import Task, get_task
 
 __all__ = ["FederationResult", "ResumeState", "run_rounds", "sample_clients"]
 
@@ -128,11 +126,10 @@ def run_rounds(
     """Runs the configured rounds on ``grid``; records everything to ``run``."""
     start_time = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    data = load_dataset(cfg.data, cfg.seed)
+    task = get_task(cfg)
+    data = task.load_data()
     client_datasets(cfg, 0)  # partitions the data now: a bad split is a config error, up front
-    model = create_model(
-        cfg.model, channels=data.channels, image_size=data.image_size, num_classes=data.num_classes
-    )
+    model = task.build_model(data)
     user_dp = cfg.privacy.enabled and cfg.privacy.level == "user"
     sink = None if run is None else run.record_privacy_event
     ledger = PrivacyLedger(
@@ -143,7 +140,7 @@ def run_rounds(
     )
     z = _server_noise(cfg)
     strategy = create_strategy(cfg, ledger=ledger, noise_multiplier=z)
-    global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    global_state = task.trainable_state(model)
     participants: dict[int, str] = {}
     first = 1
     if resume is not None:
@@ -158,7 +155,7 @@ def run_rounds(
     nodes = sorted(grid.get_node_ids())
     history: list[dict[str, float]] = []
     stopped, completed, message = "completed", first - 1, None
-    loss, acc = evaluate(_load(model, global_state), data.test)
+    loss, acc = _evaluate(task, model, global_state, data.test)
     monitor = TrainingMonitor(loss)  # on the server's held-out set: released models only
     drops: dict[str, int] = {}
 
@@ -221,7 +218,7 @@ def run_rounds(
             _end(run, r, "skipped", info | {"reason": f"privacy budget: {e}"})
             stopped, message = "budget", str(e)
             break
-        loss, acc = evaluate(_load(model, global_state), data.test)
+        loss, acc = _evaluate(task, model, global_state, data.test)
         try:
             monitor.check_loss(loss, f"round {r}")
         except StopTraining as e:
@@ -276,9 +273,11 @@ def run_rounds(
     )
 
 
-def _load(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
-    model.load_state_dict(state)
-    return model
+def _evaluate(task: Task, model: torch.nn.Module, state, dataset) -> tuple[float, float]:
+    """(loss, the task's metric) of the global ``state`` on the server's held-out set."""
+    task.load_trainable_state(model, state)
+    m = task.evaluate(model, dataset)
+    return m["loss"], m[task.metric]
 
 
 def _reference(global_state, updates: bool) -> dict[str, torch.Tensor]:

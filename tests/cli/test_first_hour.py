@@ -184,7 +184,7 @@ def test_config_show_lists_every_key_with_default_range_and_meaning():
     result = invoke("config", "show", "--json")
     assert result.exit_code == 0, result.output
     shown = json.loads(result.stdout)
-    expected = {"name", "seed"} | {
+    expected = {"name", "seed", "task"} | {
         f"{section}.{f.name.replace('_', '-')}"
         for section in Config().to_dict()
         if isinstance(getattr(Config(), section), object)

@@ -39,7 +39,7 @@ def test_flower_run_config_is_the_embedded_default_with_every_key():
     run_config = flatten(pyproject_app()["config"])
     assert Config.from_flat(run_config) == load_config(DEFAULT_CONFIG)
     # `flwr run --run-config` can only override keys that exist there
-    every = {"name", "seed"} | {
+    every = {"name", "seed", "task"} | {
         f"{section}.{f.name.replace('_', '-')}"
         for section in (
             "privacy",

@@ -1,0 +1,12 @@
+"""Tasks: what gets trained. A task owns its data, its model builder, its per-sample loss, its
+evaluation and the state that trains (what federations exchange and checkpoints hold).
+
+Centralized training, the federation's clients and server, audits and the CLI build through
+``get_task(cfg)`` instead of image-specific builders (issue 11, step 1). Today's task is
+``image-classification``; text classification and causal LM come next on the same seam.
+"""
+
+from dpfl.tasks.base import TASKS, Task, TaskData, get_task
+from dpfl.tasks.image import ImageClassification
+
+__all__ = ["TASKS", "ImageClassification", "Task", "TaskData", "get_task"]
