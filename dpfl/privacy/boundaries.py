@@ -269,6 +269,25 @@ def _first_tensor(*objs: Any) -> Tensor | None:
     return None
 
 
+def batch_length(obj: Any) -> int:
+    """Records in a batch: the leading dimension of its first tensor (tensors, dicts, tuples,
+    ModelOutputs); 0 for a batch that holds no tensor (Opacus' empty fallback)."""
+    if isinstance(obj, Tensor):
+        return int(obj.shape[0]) if obj.dim() > 0 else 1
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list | tuple) else ()
+    for item in items:
+        if isinstance(item, Tensor | dict | list | tuple):
+            return batch_length(item)
+    return 0
+
+
+def slice_records(obj: Any, n: int, start: int, stop: int) -> Any:
+    """Records ``start:stop`` of a batch of ``n`` records (every tensor with leading dim n)."""
+    if start == 0 and stop >= n:
+        return obj
+    return _map_batch(obj, n, lambda t: t[start:stop])
+
+
 def drop_last_record(obj: Any, n: int) -> Any:
     """``obj`` (tensors, tuples, dicts, ModelOutputs) without the last of its ``n`` records."""
     return _map_batch(obj, n, lambda t: t[:-1])

@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import secrets
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,7 @@ from opacus.data_loader import DPDataLoader
 from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
+from torch.utils.data._utils.collate import default_collate
 
 from dpfl.accountants import PrivacyLedger, calibrate_noise, steps_for_epochs
 from dpfl.accountants.ledger import Sink
@@ -41,7 +42,9 @@ from dpfl.privacy.boundaries import (
     BatchGuard,
     backend_errors,
     backend_refusals,
+    batch_length,
     drop_last_record,
+    slice_records,
     validate_model,
 )
 from dpfl.privacy.clipping import (
@@ -147,27 +150,34 @@ class PrivateTraining:
 
     def train_step(
         self,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        x: Any,
+        y: Any,
+        loss_fn: Callable[[Any, Any], torch.Tensor],
     ) -> float:
-        """One logical step on the batch ``(x, y)``; ``loss_fn`` returns per-sample losses.
+        """One logical step on the batch ``(x, y)``; ``loss_fn(output, y)`` returns per-sample
+        losses ``[B]``.
 
-        Returns the mean training loss of the batch (NaN for an empty batch). The loss is a
-        statistic of private data: log it only where that is acceptable (it is not privatized).
+        ``x`` is a tensor (the model is called as ``model(x)``) or a dict of tensors with the
+        batch first (``model(**x)``: Hugging Face models' ``input_ids``, ``attention_mask``);
+        ``y`` a tensor or a dict / tuple of them. Returns the mean training loss of the batch
+        (NaN for an empty batch). The loss is a statistic of private data: log it only where
+        that is acceptable (it is not privatized).
         """
         self.model.train()
         self.optimizer.zero_grad()
         device = _model_device(self.model)
         x, y = to_device(x, device), to_device(y, device)
-        n = x.shape[0]
+        n = batch_length(x)
         size = self.physical_batch_size or max(n, 1)
         total = 0.0
         for start in range(0, n, size):
-            xb, yb = x[start : start + size], y[start : start + size]
-            out = self.model(xb)
+            xb, yb = (
+                slice_records(x, n, start, start + size),
+                slice_records(y, n, start, start + size),
+            )
+            out = self.model(**xb) if isinstance(xb, Mapping) else self.model(xb)
             losses = loss_fn(out, yb)
-            if not self._loss_probed and xb.shape[0] >= 2:
+            if not self._loss_probed and min(size, n - start) >= 2:
                 self._probe_loss(out, yb, losses, loss_fn)
             self.backward(losses)
             total += float(losses.detach().sum())
@@ -232,6 +242,19 @@ class PrivateTraining:
         self.backend.detach()
         if self.guard is not None:
             self.guard.detach()
+
+
+def _prime_empty_batches(loader: DataLoader, dataset, collate_fn) -> None:
+    """A Poisson batch can be empty. Opacus builds an empty batch from the structure of the
+    first non-empty one, and, when the very first is empty, falls back to tensors shaped like
+    the first record's top-level items, which fails for dict records (HF-style
+    ``{"input_ids": ..., "attention_mask": ...}``). Give it the structure up front: one record
+    collated (only its structure is used: the empty batch has zero rows)."""
+    wrapper = loader.collate_fn
+    if getattr(wrapper, "first_batch", True) is not None or len(dataset) == 0:
+        return
+    collate = collate_fn or default_collate
+    wrapper.first_batch = copy.deepcopy(collate([dataset[0]]))
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -352,6 +375,7 @@ def make_private(
             collate_fn=data_loader.collate_fn,
             generator=sampler_gen,
         )
+        _prime_empty_batches(loader, dataset, data_loader.collate_fn)
     else:
         loader = data_loader
 
