@@ -502,7 +502,9 @@ class FederationConfig(_Section):
 class LoraConfig(_Section):
     SECTION: ClassVar[str] = "lora"
 
-    r: int = _opt(8, check=at_least(1), doc="LoRA rank (for dpfl finetune, not built yet)")
+    r: int = _opt(
+        8, check=at_least(0), doc="LoRA rank (text tasks); 0: full fine-tuning, no adapters"
+    )
     alpha: float = _opt(16.0, check=positive, doc="LoRA scaling numerator")
     dropout: float = _opt(0.0, check=in_unit_interval_closed_open, doc="LoRA dropout")
     target_modules: str = _opt("query,value", doc="comma-separated module names")
@@ -539,7 +541,7 @@ _SECTIONS: dict[str, type[_Section]] = {
 _TOP_LEVEL = ("name", "seed", "task")
 
 #: what gets trained (dpfl.tasks); text-classification and causal-lm come with LoRA fine-tuning
-TASK_NAMES = ("image-classification",)
+TASK_NAMES = ("image-classification", "text-classification")
 
 # Setting one key of a pair unsets the other (see the module docstring).
 _EXCLUSIVE = {

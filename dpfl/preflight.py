@@ -37,11 +37,11 @@ def explicit_keys(data: dict[str, Any], overrides: list[str]) -> set[str]:
 
 def _refuse_unused(cfg: Config, command: str, explicit: set[str]) -> None:
     lora = sorted(k for k in explicit if k.startswith("lora."))
-    if lora or cfg.lora != LoraConfig():
+    if cfg.task == "image-classification" and (lora or cfg.lora != LoraConfig()):
         what = ", ".join(lora) if lora else "the [lora] section"
         raise ConfigError(
-            f"{what}: dpfl {command} trains the whole model and uses no LoRA adapters; "
-            "LoRA fine-tuning is not built yet (issue 11, dpfl finetune): remove the lora keys"
+            f"{what}: dpfl {command} trains image models whole, with no LoRA adapters; LoRA is "
+            "for task='text-classification': remove the lora keys"
         )
     if not cfg.privacy.enabled:
         ignored = sorted(k for k in explicit if k.startswith("privacy.") and k != "privacy.enabled")

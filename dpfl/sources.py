@@ -33,10 +33,12 @@ __all__ = [
     "resolve_model_source",
 ]
 
+#: text tasks' embedded data set (read by dpfl.tasks.text, not dpfl.data)
+TEXT_DATASETS = ("rotten-tomatoes",)
 #: every name in dpfl.data.DATASETS (a test keeps the two equal)
 BUILTIN_DATASETS = ("digits", "mnist-5k")
 #: readers of a local ``data.path``
-DATA_READERS = ("npz", "folder", "csv")
+DATA_READERS = ("npz", "folder", "csv", "jsonl")
 _AUTO = "auto"
 #: every name in dpfl.models.MODELS (a test keeps the two equal)
 BUILTIN_MODELS = ("cnn", "mlp")
@@ -95,8 +97,11 @@ def resolve_data_source(name: str, path: str | None, label_column: str) -> tuple
     if not path.strip():
         raise ConfigError("data.path cannot be empty (none unsets it)")
     path = _absolute(path)
-    if key in BUILTIN_DATASETS or key == _AUTO:
-        reader = _infer_reader(path)
+    if key in BUILTIN_DATASETS or key in TEXT_DATASETS or key == _AUTO:
+        if os.path.splitext(path)[1].lower() in (".jsonl", ".gz"):
+            reader = "jsonl"
+        else:
+            reader = _infer_reader(path)
     elif key in DATA_READERS:
         reader = key
         if reader == "folder" and os.path.isfile(path):
@@ -153,6 +158,8 @@ def resolve_model_source(name: str, path: str | None) -> tuple[str, str | None]:
             f"'package.module:factory', got {path!r}"
         )
     full = _absolute(path)
+    if os.path.isdir(full) and os.path.isfile(os.path.join(full, "config.json")):
+        return "hf", full  # a local Hugging Face model directory (text tasks)
     if not os.path.isfile(full):
         hint = ""
         if ":" in path:

@@ -112,7 +112,7 @@ BAD_OVERRIDES = [
     (["federation.fraction=1.5"], r"federation.fraction must be in \(0, 1\]"),
     (["federation.partition=random"], "federation.partition must be one of iid, dirichlet"),
     (["federation.dirichlet-alpha=0"], "federation.dirichlet-alpha must be a finite number > 0"),
-    (["lora.r=0"], "lora.r must be an integer >= 1"),
+    (["lora.r=-1"], "lora.r must be an integer >= 0"),
     (["lora.dropout=1"], r"lora.dropout must be in \[0, 1\)"),
     (["lora.target-modules=','"], "lora.target-modules must name at least one module"),
     (["store.path=''"], "store.path cannot be empty"),

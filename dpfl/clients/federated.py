@@ -87,25 +87,28 @@ class ClientResult:
 
 
 def _source(cfg: Config) -> tuple:
-    """What the task's data depends on: the task, the data section and the seed."""
-    return cfg.task, cfg.data, cfg.seed
+    """What the task's data depend on: the task, the data and model sections (a text task's
+    tokenizer comes with its model) and the seed."""
+    return cfg.task, cfg.data, cfg.model, cfg.seed
+
+
+def _source_task(source: tuple):
+    from dpfl.config import Config
+
+    task_name, data_cfg, model_cfg, seed = source
+    return get_task(Config(task=task_name, seed=seed, data=data_cfg, model=model_cfg))
 
 
 @functools.lru_cache(maxsize=8)
 def _task_data(source: tuple) -> TaskData:
-    task_name, data_cfg, seed = source
-    from dpfl.config import Config
-
-    return get_task(Config(task=task_name, seed=seed, data=data_cfg)).load_data()
+    return _source_task(source).load_data()
 
 
 @functools.lru_cache(maxsize=8)
 def _partitions(cfg_key: tuple) -> list[np.ndarray]:
     source, k, scheme, alpha, cpc = cfg_key
-    task_name, data_cfg, seed = source
-    from dpfl.config import Config
-
-    task = get_task(Config(task=task_name, seed=seed, data=data_cfg))
+    seed = source[-1]
+    task = _source_task(source)
     data = _task_data(source)
     labels = task.labels(data.train)
     if labels is None:

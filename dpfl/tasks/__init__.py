@@ -8,5 +8,6 @@ Centralized training, the federation's clients and server, audits and the CLI bu
 
 from dpfl.tasks.base import TASKS, Task, TaskData, get_task
 from dpfl.tasks.image import ImageClassification
+from dpfl.tasks.text import TextClassification
 
-__all__ = ["TASKS", "ImageClassification", "Task", "TaskData", "get_task"]
+__all__ = ["TASKS", "ImageClassification", "Task", "TaskData", "TextClassification", "get_task"]

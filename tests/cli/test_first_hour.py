@@ -54,7 +54,7 @@ BAD_TRAIN = [
     (["--epsilon", "3", "--non-private"], "--epsilon with --non-private"),
     (["--non-private", "--set", "privacy.clip-norm=2"], "privacy.clip-norm set while privacy"),
     (["--set", "data.batch-size=5000"], "data.batch-size (5000) exceeds the 1438 training"),
-    (["--set", "lora.r=4"], "lora.r: dpfl train trains the whole model"),
+    (["--set", "lora.r=4"], "lora.r: dpfl train trains image models whole"),
     (["--set", "privacy.target-epsilon=1e-5"], "cannot be met by the central run"),
     (["--plot", "p.txt"], ".png"),
     (["--device", "tpu"], "training.device must be auto, cpu, cuda or cuda:N"),
