@@ -212,6 +212,7 @@ def run_rounds(
         if not valid:
             _end(run, r, "skipped", info | {"reason": "no valid reply"})
             continue
+        global_before = global_state
         try:
             global_state = strategy.aggregate(global_state, valid, r)
         except PrivacyBudgetError as e:
@@ -229,6 +230,10 @@ def run_rounds(
             "loss": loss,
             "clients": float(len(valid)),
             "dropped": float(len(info["dropped"])),
+            # what the round moved: the task's trainable state, to every sampled client and
+            # back from each valid reply (shapes fixed by the config: no record's influence)
+            "bytes-down": float(len(sampled) * _nbytes(global_before)),
+            "bytes-up": float(sum(_nbytes(rep.arrays) for rep in valid)),
             "epsilon-max": max(eps.values(), default=0.0) if cfg.privacy.enabled else math.inf,
             **{k: float(v) for k, v in strategy.summary().items()},
         }
@@ -278,6 +283,10 @@ def _evaluate(task: Task, model: torch.nn.Module, state, dataset) -> tuple[float
     task.load_trainable_state(model, state)
     m = task.evaluate(model, dataset)
     return m["loss"], m[task.metric]
+
+
+def _nbytes(state: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
 
 
 def _reference(global_state, updates: bool) -> dict[str, torch.Tensor]:

@@ -46,7 +46,7 @@ USER_ADAPTIVE = [
     "optimizer.lr=0.1",
 ]
 # what the server may store under DP, besides uncovered/ diagnostics
-COVERED = {"accuracy", "loss", "clients", "dropped", "epsilon-max"}
+COVERED = {"accuracy", "loss", "clients", "dropped", "epsilon-max", "bytes-down", "bytes-up"}
 COVERED_USER = COVERED | {"clip", "next-clip", "noisy-unclipped-fraction"}
 DIAGNOSTICS = {"train-loss", "local-test-accuracy", "num-examples", "local-steps"}
 

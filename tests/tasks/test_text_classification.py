@@ -160,3 +160,11 @@ def test_a_federation_fine_tunes_text_and_moves_only_the_adapters(tiny):
     assert seen and all(keys == trainable for keys in seen)
     assert result.accuracy > 0.7
     assert set(result.epsilon) == {"client-0", "client-1", "client-2"}
+    # bytes per round: the adapters and head only, down to each sampled client and back
+    per_client = sum(v.numel() * v.element_size() for v in task.trainable_state(
+        task.build_model(task.load_data())).values())  # fmt: skip
+    full = sum(v.numel() * v.element_size() for v in task.build_model(task.load_data())
+               .state_dict().values())  # fmt: skip
+    assert per_client < full / 3
+    for row in result.history:
+        assert row["bytes-down"] == 3 * per_client and row["bytes-up"] == 3 * per_client
