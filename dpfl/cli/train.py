@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from enum import Enum
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -72,6 +73,15 @@ def train(
         ),
     ] = False,
     device: DeviceOption = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            help="Write the trained model here (a directory; a peft adapter for LoRA tasks, "
+            "model.pt otherwise). The run store keeps it either way.",
+            file_okay=False,
+        ),
+    ] = None,
     as_json: JsonOption = False,
     plot: PlotOption = None,
     store: StoreOption = DEFAULT_STORE,
@@ -106,6 +116,8 @@ def train(
         sets.append("privacy.enabled=false")
     cfg, explicit = load_run_config(config, sets)
     check_plot(plot)
+    if output is not None and output.exists() and any(output.iterdir()):
+        raise ConfigError(f"--output {output} is not empty: choose a new or empty directory")
     check_train(cfg, explicit)  # everything that can be refused is refused before the run exists
 
     with RunStore(store) as s, s.run("train", cfg.to_dict(), name=cfg.name, seed=cfg.seed) as run:
@@ -122,7 +134,7 @@ def train(
                     f"test loss {m['test_loss']:.4f}{eps}"
                 )
 
-            result = train_central(cfg, run, on_step, on_epoch)
+            result = train_central(cfg, run, on_step, on_epoch, output=output)
         summary = {
             "run": run.run_id,
             "accuracy": result.accuracy,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -71,13 +73,16 @@ def train_central(
     run: RunHandle | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    output: Path | None = None,
 ) -> CentralResult:
     """Trains ``cfg.model`` on ``cfg.data`` with the configured privacy; records to ``run``.
 
     ``on_step(step, planned, loss)`` reports progress, ``on_epoch(epoch, metrics)`` the held-out
     evaluation after each epoch (``test_accuracy``, ``test_loss``, ``epsilon``). A run that
     diverges stops early and one that makes no progress is reported as such
-    (``result.train.stopped``, see :mod:`dpfl.clients.monitor`).
+    (``result.train.stopped``, see :mod:`dpfl.clients.monitor`). ``output``: a directory the
+    trained model is exported to (the task's format: a peft adapter for LoRA); the run store
+    keeps the same files as artifacts.
     """
     torch.manual_seed(cfg.seed)
     task = get_task(cfg)
@@ -118,7 +123,9 @@ def train_central(
             lambda e: log_epoch(e, model, math.inf),
             loss_fn=task.per_sample_loss,
         )
-        return _finish(cfg, task, model, data, run, monitor, result, math.inf, None, planned)
+        return _finish(
+            cfg, task, model, data, run, monitor, result, math.inf, None, planned, output
+        )
 
     kwargs = privacy_kwargs(cfg)
     pt: PrivateTraining = make_private(
@@ -142,8 +149,30 @@ def train_central(
     finally:
         pt.detach()
     return _finish(
-        cfg, task, model, data, run, monitor, result, pt.epsilon(), pt.noise_multiplier, planned
+        cfg,
+        task,
+        model,
+        data,
+        run,
+        monitor,
+        result,
+        pt.epsilon(),
+        pt.noise_multiplier,
+        planned,
+        output,
     )
+
+
+def export(task, model, run: RunHandle | None, output: Path | None) -> None:
+    """The trained model, in the task's format: to ``output`` and as the run's artifacts."""
+    if output is None and run is None:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp) if output is None else Path(output)
+        files = task.export(model, directory)
+        if run is not None:
+            for f in files:
+                run.add_artifact("model", str(f.relative_to(directory)), f.read_bytes())
 
 
 def planned_steps(cfg: Config, n_train: int) -> int:
@@ -155,7 +184,10 @@ def planned_steps(cfg: Config, n_train: int) -> int:
     return planned
 
 
-def _finish(cfg, task, model, data, run, monitor, result, eps, sigma, planned) -> CentralResult:
+def _finish(
+    cfg, task, model, data, run, monitor, result, eps, sigma, planned, output
+) -> CentralResult:
+    export(task, model, run, output)
     m = task.evaluate(model, data.test)
     loss, acc = m["loss"], m[task.metric]
     if result.stopped == "completed":

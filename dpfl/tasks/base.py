@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -63,6 +64,14 @@ class Task(ABC):
     def load_trainable_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         """Loads what :meth:`trainable_state` gave (strictly: same keys, same shapes)."""
         model.load_state_dict(state)
+
+    def export(self, model: nn.Module, directory: Path) -> list[Path]:
+        """Writes the trained model to ``directory`` (default: ``model.pt``, a state_dict that
+        ``model.path`` loads back); returns the files written."""
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / "model.pt"
+        torch.save(self.trainable_state(model), path)
+        return [path]
 
 
 TASKS: Registry[type[Task]] = Registry("task")

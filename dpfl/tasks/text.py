@@ -214,6 +214,15 @@ class TextClassification(Task):
         """Only what trains: the adapters and the head (not the frozen base model)."""
         return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
+    def export(self, model: nn.Module, directory: Path) -> list[Path]:
+        """peft's ``save_pretrained`` format (adapter config + weights, the head included), which
+        ``PeftModel.from_pretrained(base, directory)`` loads back; with ``lora.r = 0`` the
+        whole model in transformers' format. The tokenizer is not copied (it is the base's)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        before = set(directory.rglob("*"))
+        model.save_pretrained(directory)
+        return sorted(p for p in set(directory.rglob("*")) - before if p.is_file())
+
     def load_trainable_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         expected = {n for n, p in model.named_parameters() if p.requires_grad}
         if set(state) != expected:

@@ -96,8 +96,8 @@ def test_jsonl_and_csv_read_the_same_records(tiny):
 
 
 def test_dpfl_train_fine_tunes_privately_end_to_end(tiny, tmp_path):
-    store = tmp_path / "s.sqlite"
-    args = ["train", "--epochs", "10", "--json", "--store", str(store)]
+    store, out = tmp_path / "s.sqlite", tmp_path / "adapter"
+    args = ["train", "--epochs", "10", "--json", "--store", str(store), "--output", str(out)]
     extra = ("optimizer.name='adam'", "optimizer.lr=0.05", "privacy.noise-multiplier=0.5")
     for s in sets(tiny, *extra):
         args += ["--set", s]
@@ -108,7 +108,22 @@ def test_dpfl_train_fine_tunes_privately_end_to_end(tiny, tmp_path):
     assert "Loading" not in result.stderr and "Warning" not in result.stderr
     with RunStore(store) as s:
         events = s.privacy_events(summary["run"])
+        stored = {a["name"]: a["data"] for a in s.artifacts(summary["run"], with_data=True)}
     assert len(events) == summary["steps"]
+    # the adapter in peft's format loads back onto the base model with identical outputs
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    assert (out / "adapter_config.json").exists()
+    assert stored["adapter_config.json"] == (out / "adapter_config.json").read_bytes()
+    base = AutoModelForSequenceClassification.from_pretrained(tiny["model"], num_labels=2)
+    loaded = PeftModel.from_pretrained(base, out).eval()
+    cfg = load_config(None, sets(tiny))
+    task = get_task(cfg)
+    data = task.load_data()
+    m = task.evaluate(loaded, data.test)
+    assert m["accuracy"] == pytest.approx(summary["accuracy"])
+    assert m["loss"] == pytest.approx(summary["test_loss"], rel=1e-5)
 
 
 def test_bad_text_inputs_are_one_line(tiny, tmp_path):
