@@ -508,6 +508,9 @@ class LoraConfig(_Section):
     alpha: float = _opt(16.0, check=positive, doc="LoRA scaling numerator")
     dropout: float = _opt(0.0, check=in_unit_interval_closed_open, doc="LoRA dropout")
     target_modules: str = _opt("query,value", doc="comma-separated module names")
+    freeze_a: bool = _opt(
+        False, doc="keep every A at its random init, train only B and the head (FFA-LoRA)"
+    )
 
     def _validate(self) -> None:
         if not [m for m in self.target_modules.split(",") if m.strip()]:

@@ -120,9 +120,24 @@ def apply_lora(model: nn.Module, lora, head: str) -> nn.Module:
         modules_to_save=[head],
     )
     try:
-        return get_peft_model(model, config)
+        model = get_peft_model(model, config)
     except ValueError as e:
         raise ConfigError(f"lora.target-modules={lora.target_modules!r}: {e}") from None
+    if lora.freeze_a:  # FFA-LoRA: A stays at its init (exchanged, so every learner shares it)
+        for name, p in model.named_parameters():
+            if ".lora_A." in name:
+                p.requires_grad_(False)
+    return model
+
+
+def _adapter_names(model: nn.Module) -> list[str]:
+    """The adapter state: every LoRA tensor (trained or frozen, like FFA-LoRA's A) and what
+    trains besides (the head); without adapters (lora.r = 0) what trains."""
+    return [
+        n
+        for n, p in model.named_parameters()
+        if p.requires_grad or ".lora_A." in n or ".lora_B." in n
+    ]
 
 
 @TASKS.register("text-classification")
@@ -211,8 +226,10 @@ class TextClassification(Task):
         return None
 
     def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Only what trains: the adapters and the head (not the frozen base model)."""
-        return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+        """The adapters and the head, not the frozen base model (frozen adapters included: a
+        learner that builds the model gets the shared A instead of its own random init)."""
+        params = dict(model.named_parameters())
+        return {n: params[n].detach().cpu().clone() for n in _adapter_names(model)}
 
     def export(self, model: nn.Module, directory: Path) -> list[Path]:
         """peft's ``save_pretrained`` format (adapter config + weights, the head included), which
@@ -224,7 +241,7 @@ class TextClassification(Task):
         return sorted(p for p in set(directory.rglob("*")) - before if p.is_file())
 
     def load_trainable_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        expected = {n for n, p in model.named_parameters() if p.requires_grad}
+        expected = set(_adapter_names(model))
         if set(state) != expected:
             raise ConfigError(
                 f"trainable state does not fit the model: {len(set(state) ^ expected)} keys "

@@ -183,3 +183,35 @@ def test_a_federation_fine_tunes_text_and_moves_only_the_adapters(tiny):
     assert per_client < full / 3
     for row in result.history:
         assert row["bytes-down"] == 3 * per_client and row["bytes-up"] == 3 * per_client
+
+
+def test_freeze_a_trains_only_b_and_the_head_and_still_exchanges_a(tiny):
+    from torch.utils.data import DataLoader
+
+    from dpfl.privacy import make_private
+
+    cfg = load_config(None, sets(tiny, "lora.freeze-a=true"))
+    task = get_task(cfg)
+    data = task.load_data()
+    torch.manual_seed(0)
+    model = task.build_model(data)
+    state = task.trainable_state(model)
+    a_names = [n for n in state if ".lora_A." in n]
+    assert a_names and all(not dict(model.named_parameters())[n].requires_grad for n in a_names)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    pt = make_private(model, opt, DataLoader(data.train, batch_size=16), noise_multiplier=1.0,
+                      clip_norm=1.0, seed=0)  # fmt: skip
+    try:
+        for x, y in pt.data_loader:
+            pt.train_step(x, y, task.per_sample_loss)
+            break
+    finally:
+        pt.detach()
+    after = task.trainable_state(model)
+    assert all(torch.equal(after[n], state[n]) for n in a_names)  # A never moves
+    assert any(not torch.equal(after[n], state[n]) for n in after if ".lora_B." in n)
+    # another learner's own random A is replaced by the shared one
+    torch.manual_seed(1)
+    other = task.build_model(data)
+    task.load_trainable_state(other, after)
+    assert all(torch.equal(task.trainable_state(other)[n], state[n]) for n in a_names)
