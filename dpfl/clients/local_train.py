@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dpfl.accountants import steps_for_epochs
 from dpfl.clients.monitor import StopTraining
+from dpfl.device import to_device
 from dpfl.errors import PrivacyBudgetError
 from dpfl.privacy import PrivateTraining
 
@@ -79,21 +80,15 @@ def train_private(
             steps += 1
             if not math.isnan(loss):
                 loss_sum, loss_n = loss_sum + loss, loss_n + 1
-            try:
-                if on_step is not None:
-                    on_step(steps, loss)
-            except StopTraining as e:
-                stopped, message = e.status, e.message
+            if (stop := _hook(on_step, steps, loss)) is not None:
+                stopped, message = stop
                 break
             if steps >= planned:
                 break
         else:
             epoch += 1
-            try:
-                if on_epoch is not None:
-                    on_epoch(epoch)
-            except StopTraining as e:
-                stopped, message = e.status, e.message
+            if (stop := _hook(on_epoch, epoch)) is not None:
+                stopped, message = stop
                 break
             continue
         if stopped != "completed":
@@ -128,30 +123,36 @@ def train_non_private(
     model.train()
     while done < steps and stopped == "completed":
         for x, y in loader:
-            x, y = x.to(device), y.to(device)
+            x, y = to_device(x, device), to_device(y, device)
             optimizer.zero_grad()
-            loss = loss_fn(model(x), y).mean()
+            out = model(**x) if isinstance(x, Mapping) else model(x)
+            loss = loss_fn(out, y).mean()
             loss.backward()
             optimizer.step()
             done, loss_sum = done + 1, loss_sum + float(loss.detach())
-            try:
-                if on_step is not None:
-                    on_step(done, float(loss.detach()))
-            except StopTraining as e:
-                stopped, message = e.status, e.message
+            if (stop := _hook(on_step, done, float(loss.detach()))) is not None:
+                stopped, message = stop
                 break
             if done >= steps:
                 break
         else:
             epoch += 1
-            try:
-                if on_epoch is not None:
-                    on_epoch(epoch)
-            except StopTraining as e:
-                stopped, message = e.status, e.message
+            if (stop := _hook(on_epoch, epoch)) is not None:
+                stopped, message = stop
     return LocalTrainResult(
         done, stopped, loss_sum / max(done, 1), math.inf, time.perf_counter() - start, message
     )
+
+
+def _hook(fn: Callable | None, *args) -> tuple[str, str] | None:
+    """Calls a step / epoch hook; (status, message) if it asked the run to stop."""
+    if fn is None:
+        return None
+    try:
+        fn(*args)
+    except StopTraining as e:
+        return e.status, e.message
+    return None
 
 
 def _device_of(model: nn.Module) -> torch.device:

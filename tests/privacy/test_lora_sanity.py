@@ -151,3 +151,37 @@ def test_poisson_empty_batches_keep_the_dict_structure_and_step():
         assert pt.ledger.events and pt.ledger.events[-1].steps == 1
     finally:
         pt.detach()
+
+
+@pytest.mark.parametrize("backend", ["bk", "hooks", "ghost"])
+@pytest.mark.parametrize("build", [bert, gpt2, llama], ids=["bert", "gpt2", "llama"])
+def test_one_record_moves_the_released_sum_by_at_most_c_with_dict_batches(build, backend):
+    """Through train_step with HF dict batches (noise 0, every record clipped): the released
+    clipped sum with and without the last record differs by at most C."""
+    clip = 1e-3
+
+    def released(model, x, y, loss_fn):
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+        pt = make_private(
+            model, opt, DataLoader(Records(B), batch_size=B), noise_multiplier=0.0,
+            clip_norm=clip, grad_sample_mode=backend, poisson_sampling=False, seed=0,
+        )  # fmt: skip
+        try:
+            pt.train_step(x, y, loss_fn)
+            return torch.cat([p.grad.flatten() for p in pt.optimizer.params]) * B
+        finally:
+            pt.detach()
+
+    torch.manual_seed(0)
+    model, kind = build()
+    x, y = next(iter(DataLoader(Records(B), batch_size=B)))
+    loss_fn = cls_loss
+    if kind == "lm":
+        loss_fn, y = lm_loss, (x["input_ids"], x["attention_mask"])
+    full = released(copy.deepcopy(model), x, y, loss_fn)
+    fewer_x = {k: v[:-1] for k, v in x.items()}
+    fewer_y = tuple(t[:-1] for t in y) if isinstance(y, tuple) else y[:-1]
+    fewer = released(copy.deepcopy(model), fewer_x, fewer_y, loss_fn)
+    moved = float((full - fewer).norm())
+    assert moved <= clip * (1 + 1e-4), moved
+    assert moved >= clip * 0.5  # the removed record was clipped to ~C: not a vacuous bound

@@ -215,3 +215,12 @@ def test_freeze_a_trains_only_b_and_the_head_and_still_exchanges_a(tiny):
     other = task.build_model(data)
     task.load_trainable_state(other, after)
     assert all(torch.equal(task.trainable_state(other)[n], state[n]) for n in a_names)
+
+
+def test_non_private_text_training_takes_dict_batches(tiny, tmp_path):
+    args = ["train", "--non-private", "--epochs", "5", "--json", "--store", str(tmp_path / "s")]
+    for s in sets(tiny, "optimizer.name='adam'", "optimizer.lr=0.05"):
+        args += ["--set", s]
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["accuracy"] > 0.8
