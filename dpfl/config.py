@@ -463,7 +463,11 @@ class FederationConfig(_Section):
     )
     local_epochs: float = _opt(1.0, check=in_range(0, MAX_EPOCHS), doc="local passes per round")
     local_steps: int | None = _opt(None, check=at_least(1), doc="local steps per round (cap)")
-    partition: str = _opt("iid", choices=("iid", "dirichlet", "classes"), doc="data split")
+    partition: str = _opt(
+        "iid",
+        choices=("iid", "dirichlet", "classes", "natural"),
+        doc="data split (natural: by each record's owner, e.g. rotten-tomatoes' movies)",
+    )
     dirichlet_alpha: float = _opt(0.5, check=positive, doc="Dirichlet concentration")
     classes_per_client: int = _opt(2, check=at_least(1), doc="labels per client (classes)")
     client_test_fraction: float = _opt(

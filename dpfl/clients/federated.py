@@ -113,7 +113,15 @@ def _partitions(cfg_key: tuple) -> list[np.ndarray]:
     labels = task.labels(data.train)
     if labels is None:
         labels = np.zeros(len(data.train), dtype=np.int64)  # no labels: only iid splits apply
-    return partition_indices(labels, k, scheme, alpha=alpha, classes_per_client=cpc, seed=seed)
+    return partition_indices(
+        labels,
+        k,
+        scheme,
+        alpha=alpha,
+        classes_per_client=cpc,
+        seed=seed,
+        groups=task.groups(data.train),
+    )
 
 
 def client_datasets(cfg: Config, partition_id: int) -> tuple[TensorDataset | Subset, Subset]:

@@ -34,8 +34,13 @@ def partition_indices(
     classes_per_client: int = 2,
     seed: int = 0,
     min_size: int = 2,
+    groups: np.ndarray | None = None,
 ) -> list[np.ndarray]:
-    """Client index arrays (sorted) that together cover ``range(len(labels))`` exactly once."""
+    """Client index arrays (sorted) that together cover ``range(len(labels))`` exactly once.
+
+    ``natural``: each record's ``groups`` entry (a movie, a user) names its owner; the distinct
+    groups are shuffled (seeded) and dealt to the clients in turn, so a group never spans two
+    clients (K clients for K groups: one group each)."""
     labels = np.asarray(labels)
     n = len(labels)
     if num_clients < 1:
@@ -52,9 +57,32 @@ def partition_indices(
         parts = _dirichlet(labels, num_clients, alpha, rng, min_size)
     elif scheme == "classes":
         parts = _by_classes(labels, num_clients, classes_per_client, rng)
+    elif scheme == "natural":
+        parts = _natural(groups, n, num_clients, rng)
     else:
-        raise ConfigError(f"unknown partition {scheme!r}; valid: iid, dirichlet, classes")
+        raise ConfigError(f"unknown partition {scheme!r}; valid: iid, dirichlet, classes, natural")
     return [np.sort(p).astype(np.int64) for p in parts]
+
+
+def _natural(groups, n: int, k: int, rng) -> list[np.ndarray]:
+    if groups is None:
+        raise ConfigError(
+            "federation.partition='natural' needs data whose records name their owner (the "
+            "embedded rotten-tomatoes: its movies; a text file: a 'group' column)"
+        )
+    groups = np.asarray(groups)
+    if len(groups) != n:
+        raise ValueError("one group per record")  # a bug in the caller, not input
+    distinct = np.unique(groups)
+    if len(distinct) < k:
+        raise ConfigError(
+            f"federation.partition='natural': {len(distinct)} groups for {k} clients; use at "
+            f"most {len(distinct)} clients"
+        )
+    order = distinct[rng.permutation(len(distinct))]
+    owner = {g: i % k for i, g in enumerate(order.tolist())}
+    client = np.array([owner[g] for g in groups.tolist()])
+    return [np.flatnonzero(client == c) for c in range(k)]
 
 
 def _dirichlet(labels, k, alpha, rng, min_size) -> list[np.ndarray]:

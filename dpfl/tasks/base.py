@@ -57,6 +57,10 @@ class Task(ABC):
         """Per-record labels for label-skewed partitions (None: the task has none)."""
         return None
 
+    def groups(self, dataset: Dataset) -> np.ndarray | None:
+        """Per-record owners for ``federation.partition = "natural"`` (None: the data has none)."""
+        return None
+
     def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """What a federation exchanges and a checkpoint keeps (default: the whole state)."""
         return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

@@ -34,8 +34,15 @@ EMBEDDED = Path(__file__).resolve().parent.parent / "data" / "text" / "rotten_to
 class TextRecords(Dataset):
     """Tokenized records: ``({"input_ids": [T], "attention_mask": [T]}, label)``."""
 
-    def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
+    def __init__(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        groups: np.ndarray | None = None,
+    ):
         self.input_ids, self.attention_mask, self.labels = input_ids, attention_mask, labels
+        self.groups = groups  # each record's owner (movie), for natural client splits
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -46,7 +53,7 @@ class TextRecords(Dataset):
         )
 
 
-def _read_rows(path: Path, label_column: str) -> list[tuple[str, object]]:
+def _read_rows(path: Path, label_column: str) -> list[tuple[str, object, str | None]]:
     suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
     try:
         if suffix in (".jsonl", ".jsonl.gz"):
@@ -68,12 +75,13 @@ def _read_rows(path: Path, label_column: str) -> list[tuple[str, object]]:
             f"data.path {path}: no {' or '.join(repr(c) for c in missing)} column (text "
             f"classification reads 'text' and '{label_column}')"
         )
+    group_column = "movie" if "movie" in rows[0] else "group" if "group" in rows[0] else None
     out = []
     for i, r in enumerate(rows):
         text, label = r.get("text"), r.get(label_column)
         if not isinstance(text, str) or not text.strip() or label in (None, ""):
             raise ConfigError(f"data.path {path}: record {i + 1} has no text or no label")
-        out.append((text, label))
+        out.append((text, label, None if group_column is None else str(r.get(group_column))))
     return out
 
 
@@ -159,7 +167,7 @@ class TextClassification(Task):
             rows = _read_rows(EMBEDDED, "label")
         else:
             rows = _read_rows(Path(d.path), d.label_column)
-        classes = sorted({str(label) for _, label in rows})
+        classes = sorted({str(label) for _, label, _ in rows})
         if len(classes) < 2:
             raise ConfigError(f"text classification needs 2+ labels, found {classes}")
         index = {c: i for i, c in enumerate(classes)}
@@ -168,13 +176,14 @@ class TextClassification(Task):
         except (OSError, ValueError) as e:
             raise ConfigError(f"cannot load the tokenizer of {_model_dir(self.cfg)}: {e}") from None
         enc = tokenizer(
-            [t for t, _ in rows],
+            [t for t, _, _ in rows],
             padding="max_length",
             truncation=True,
             max_length=MAX_LENGTH,
             return_tensors="pt",
         )
-        labels = torch.tensor([index[str(label)] for _, label in rows], dtype=torch.long)
+        labels = torch.tensor([index[str(label)] for _, label, _ in rows], dtype=torch.long)
+        groups = None if rows[0][2] is None else np.array([g for _, _, g in rows])
         rng = np.random.default_rng(self.cfg.seed)
         order = rng.permutation(len(rows))
         n_test = max(1, round(len(rows) * d.test_fraction))
@@ -182,7 +191,9 @@ class TextClassification(Task):
         if len(train) < 2:
             raise ConfigError(f"data.test-fraction={d.test_fraction:g} leaves {len(train)} records")
         ids, mask = enc["input_ids"], enc["attention_mask"]
-        make = lambda idx: TextRecords(ids[idx], mask[idx], labels[idx])  # noqa: E731
+        make = lambda idx: TextRecords(  # noqa: E731
+            ids[idx], mask[idx], labels[idx], None if groups is None else groups[idx]
+        )
         return TaskData(make(train), make(test), {"num_classes": len(classes), "classes": classes})
 
     def build_model(self, data: TaskData) -> nn.Module:
@@ -223,6 +234,14 @@ class TextClassification(Task):
             return dataset.labels.numpy()
         if isinstance(dataset, Subset) and isinstance(dataset.dataset, TextRecords):
             return dataset.dataset.labels[list(dataset.indices)].numpy()
+        return None
+
+    def groups(self, dataset: Dataset) -> np.ndarray | None:
+        if isinstance(dataset, TextRecords):
+            return dataset.groups
+        if isinstance(dataset, Subset) and isinstance(dataset.dataset, TextRecords):
+            g = dataset.dataset.groups
+            return None if g is None else g[list(dataset.indices)]
         return None
 
     def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:

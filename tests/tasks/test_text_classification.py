@@ -224,3 +224,42 @@ def test_non_private_text_training_takes_dict_batches(tiny, tmp_path):
     result = CliRunner().invoke(app, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["accuracy"] > 0.8
+
+
+def test_natural_partition_keeps_each_owner_on_one_client(tiny, tmp_path):
+    import numpy as np
+
+    from dpfl.clients.federated import client_datasets
+    from dpfl.data.partition import partition_indices
+    from dpfl.errors import ConfigError
+
+    # the partition itself: owners never split, every record once, K owners -> one each
+    groups = np.array(["a", "b", "a", "c", "b", "c", "d", "d"])
+    parts = partition_indices(np.zeros(8), 4, "natural", groups=groups, seed=1, min_size=1)
+    assert sorted(np.concatenate(parts).tolist()) == list(range(8))
+    assert sorted(len(set(groups[p])) for p in parts) == [1, 1, 1, 1]
+    with pytest.raises(ConfigError, match="4 groups for 5 clients"):
+        partition_indices(np.zeros(8), 5, "natural", groups=groups, min_size=1)
+    with pytest.raises(ConfigError, match="needs data whose records name their owner"):
+        partition_indices(np.zeros(8), 2, "natural")
+    # through the text task: a 'group' column names the owners
+    from pathlib import Path
+
+    rows = [json.loads(line) for line in Path(tiny["jsonl"]).read_text().splitlines()]
+    for i, r in enumerate(rows):
+        r["group"] = f"movie-{i % 6}"
+    path = tmp_path / "grouped.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = load_config(
+        None,
+        sets(tiny, f"data.path='{path}'", "federation.num-clients=3",
+             "federation.partition='natural'", "federation.client-test-fraction=0"),
+    )  # fmt: skip
+    task = get_task(cfg)
+    seen = []
+    for pid in range(3):
+        train, _ = client_datasets(cfg, pid)
+        owners = set(task.groups(train).tolist())
+        assert len(owners) == 2  # 6 movies dealt to 3 clients
+        seen.append(owners)
+    assert set().union(*seen) == {f"movie-{i}" for i in range(6)}
