@@ -9,21 +9,13 @@ from typer.testing import CliRunner
 
 from dpfl.cli.main import app
 from dpfl.store import RunStore
+from tests.cli.test_cli import assert_one_line_error
 
 runner = CliRunner()
 
 
 def invoke(*args: str):
     return runner.invoke(app, list(args), catch_exceptions=False)
-
-
-def assert_one_line_error(result, fragment: str):
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("dpfl: error: ")
-    assert fragment in lines[0], lines[0]
-    assert "Traceback" not in result.output + result.stderr
 
 
 BUDGET = "client error: PrivacyBudgetError: target epsilon 1e-05 cannot be met"
