@@ -383,6 +383,11 @@ class DataConfig(_Section):
         None, check=at_least(1), doc="largest batch held in memory (virtual steps above it)"
     )
     test_fraction: float = _opt(0.2, doc="held-out fraction for evaluation", allowed="(0, 1)")
+    max_records: int | None = _opt(
+        None,
+        check=at_least(2),
+        doc="text tasks: keep this many records (a seeded sample) before the split",
+    )
 
     def _validate(self) -> None:
         if not (0 < self.test_fraction < 1):
@@ -511,7 +516,11 @@ class LoraConfig(_Section):
     )
     alpha: float = _opt(16.0, check=positive, doc="LoRA scaling numerator")
     dropout: float = _opt(0.0, check=in_unit_interval_closed_open, doc="LoRA dropout")
-    target_modules: str = _opt("query,value", doc="comma-separated module names")
+    target_modules: str = _opt(
+        "auto",
+        doc="comma-separated module names; auto: peft's default for the architecture (BERT "
+        "query,value; Llama q_proj,v_proj; GPT-2 c_attn)",
+    )
     freeze_a: bool = _opt(
         False, doc="keep every A at its random init, train only B and the head (FFA-LoRA)"
     )
@@ -548,7 +557,7 @@ _SECTIONS: dict[str, type[_Section]] = {
 _TOP_LEVEL = ("name", "seed", "task")
 
 #: what gets trained (dpfl.tasks); text-classification and causal-lm come with LoRA fine-tuning
-TASK_NAMES = ("image-classification", "text-classification")
+TASK_NAMES = ("image-classification", "text-classification", "causal-lm")
 
 # Setting one key of a pair unsets the other (see the module docstring).
 _EXCLUSIVE = {

@@ -41,7 +41,11 @@ def _refuse_unused(cfg: Config, command: str, explicit: set[str]) -> None:
         what = ", ".join(lora) if lora else "the [lora] section"
         raise ConfigError(
             f"{what}: dpfl {command} trains image models whole, with no LoRA adapters; LoRA is "
-            "for task='text-classification': remove the lora keys"
+            "for the text tasks (text-classification, causal-lm): remove the lora keys"
+        )
+    if cfg.task == "image-classification" and cfg.data.max_records is not None:
+        raise ConfigError(
+            "data.max-records is for the text tasks; image data sets are used whole: remove it"
         )
     if not cfg.privacy.enabled:
         ignored = sorted(k for k in explicit if k.startswith("privacy.") and k != "privacy.enabled")

@@ -34,11 +34,15 @@ __all__ = [
 ]
 
 #: text tasks' embedded data set (read by dpfl.tasks.text, not dpfl.data)
-TEXT_DATASETS = ("rotten-tomatoes",)
+TEXT_DATASETS = ("rotten-tomatoes", "shakespeare")
+#: ``data.path = "hf:NAME"``: a Hugging Face ``datasets`` name (loaded by ``datasets``)
+HUB_DATA_PREFIX = "hf:"
+#: ``model.path = "owner/name"`` that is not a local path: a Hugging Face hub model
+_HUB_MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 #: every name in dpfl.data.DATASETS (a test keeps the two equal)
 BUILTIN_DATASETS = ("digits", "mnist-5k")
 #: readers of a local ``data.path``
-DATA_READERS = ("npz", "folder", "csv", "jsonl")
+DATA_READERS = ("npz", "folder", "csv", "jsonl", "datasets")
 _AUTO = "auto"
 #: every name in dpfl.models.MODELS (a test keeps the two equal)
 BUILTIN_MODELS = ("cnn", "mlp")
@@ -96,6 +100,15 @@ def resolve_data_source(name: str, path: str | None, label_column: str) -> tuple
         return name, None
     if not path.strip():
         raise ConfigError("data.path cannot be empty (none unsets it)")
+    if path.startswith(HUB_DATA_PREFIX):
+        hub = path[len(HUB_DATA_PREFIX) :].strip()
+        if not hub or key not in (_AUTO, "datasets", *BUILTIN_DATASETS, *TEXT_DATASETS):
+            raise ConfigError(
+                f"data.path {path!r}: a Hugging Face data set is hf:NAME with data.name auto"
+            )
+        return "datasets", HUB_DATA_PREFIX + hub
+    if key == "datasets":
+        raise ConfigError("data.name='datasets' reads data.path = hf:NAME (a datasets name)")
     path = _absolute(path)
     if key in BUILTIN_DATASETS or key in TEXT_DATASETS or key == _AUTO:
         if os.path.splitext(path)[1].lower() in (".jsonl", ".gz"):
@@ -127,7 +140,7 @@ def resolve_data_source(name: str, path: str | None, label_column: str) -> tuple
         )
     if not os.path.exists(path):
         raise ConfigError(f"data.path {path}: no such file or folder")
-    if label_column != DEFAULT_LABEL_COLUMN and reader != "csv":
+    if label_column != DEFAULT_LABEL_COLUMN and reader not in ("csv", "jsonl"):
         raise ConfigError(
             f"data.label-column is for CSV files, and data.path {path} is read as {reader}"
         )
@@ -160,6 +173,8 @@ def resolve_model_source(name: str, path: str | None) -> tuple[str, str | None]:
     full = _absolute(path)
     if os.path.isdir(full) and os.path.isfile(os.path.join(full, "config.json")):
         return "hf", full  # a local Hugging Face model directory (text tasks)
+    if not os.path.exists(full) and _HUB_MODEL.match(path):
+        return "hf", path  # a hub name (owner/name): transformers loads it, if it can reach it
     if not os.path.isfile(full):
         hint = ""
         if ":" in path:

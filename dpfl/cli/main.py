@@ -91,7 +91,16 @@ def _root(
 
 
 # Commands register themselves on `app` when their modules are imported.
-from dpfl.cli import audit, budget, config_cmd, optimizers, runs, simulate, train  # noqa: E402,F401
+from dpfl.cli import (  # noqa: E402,F401
+    audit,
+    budget,
+    config_cmd,
+    finetune,
+    optimizers,
+    runs,
+    simulate,
+    train,
+)
 
 #: libraries whose Python warnings are not shown by the CLI (they speak of their own internals,
 #: e.g. Opacus' "secure RNG turned off"; dpfl checks what matters and says it in its own words).

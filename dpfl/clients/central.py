@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import math
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
-from dpfl.accountants import steps_for_epochs
+from dpfl.accountants import PrivacyLedger, steps_for_epochs
 from dpfl.clients.local_train import (
     LocalTrainResult,
     train_non_private,
@@ -21,12 +22,19 @@ from dpfl.clients.local_train import (
 from dpfl.clients.monitor import TrainingMonitor
 from dpfl.config import CLIP_LR_PER_STEP, Config
 from dpfl.device import resolve_device
+from dpfl.errors import ConfigError, StoreError
 from dpfl.optim import create_optimizer
 from dpfl.privacy import PrivateTraining, make_private
 from dpfl.store import RunHandle
 from dpfl.tasks import get_task
 
-__all__ = ["CentralResult", "privacy_kwargs", "train_central"]
+__all__ = [
+    "CentralResult",
+    "CentralResume",
+    "central_resume_state",
+    "privacy_kwargs",
+    "train_central",
+]
 
 
 def privacy_kwargs(cfg: Config) -> dict[str, Any]:
@@ -74,6 +82,10 @@ def train_central(
     on_step: Callable[[int, int, float], None] | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     output: Path | None = None,
+    *,
+    resume: CentralResume | None = None,
+    on_batch: Callable[[Any], None] | None = None,
+    progress: Callable[[Callable[[], float]], None] | None = None,
 ) -> CentralResult:
     """Trains ``cfg.model`` on ``cfg.data`` with the configured privacy; records to ``run``.
 
@@ -83,71 +95,155 @@ def train_central(
     (``result.train.stopped``, see :mod:`dpfl.clients.monitor`). ``output``: a directory the
     trained model is exported to (the task's format: a peft adapter for LoRA); the run store
     keeps the same files as artifacts.
+
+    With a ``run``, a checkpoint (the trainable state, the optimizer with its clip state and
+    noise generator, the sampler's generator) replaces the previous one after every epoch;
+    ``resume`` (:func:`central_resume_state`) continues from it. ``on_batch(x)`` sees every
+    training batch as it is drawn (the CLI counts tokens); ``progress(epsilon)`` is handed, once,
+    a function that returns the epsilon spent so far.
     """
     torch.manual_seed(cfg.seed)
     task = get_task(cfg)
     data = task.load_data()
     model = task.build_model(data)
     model.to(resolve_device(cfg.training.device))
+    if resume is not None:
+        task.load_trainable_state(model, resume.trainable)
     optimizer = create_optimizer(cfg.optimizer, model, private=cfg.privacy.enabled)
-    loader = DataLoader(data.train, batch_size=cfg.data.batch_size, shuffle=True)
-    planned = planned_steps(cfg, len(data.train))
-    monitor = TrainingMonitor(
-        task.evaluate(model, data.test)["loss"], lr=optimizer.param_groups[0]["lr"]
+    observed = None if on_batch is None else _Observed(on_batch)
+    shuffle = torch.Generator().manual_seed(cfg.seed + 2)  # the non-private loader's order
+    loader = DataLoader(
+        data.train,
+        batch_size=cfg.data.batch_size,
+        shuffle=True,
+        generator=shuffle,
+        collate_fn=observed,
     )
+    planned = planned_steps(cfg, len(data.train))
+    done = 0 if resume is None else resume.steps
+    epochs_done = 0 if resume is None else resume.epoch
+    initial = task.evaluate(model, data.test)["loss"] if resume is None else resume.initial_loss
+    monitor = TrainingMonitor(initial, lr=optimizer.param_groups[0]["lr"])
+    pt: PrivateTraining | None = None
+
+    def checkpoint(epoch: int, steps: int) -> None:
+        if run is None:
+            return
+        state = {
+            "epoch": epoch,
+            "steps": steps,
+            "trainable": task.trainable_state(model),
+            "initial_loss": monitor.initial_loss,
+            "loader_generator": shuffle.get_state(),
+        }
+        if pt is not None:
+            state["optimizer"] = pt.optimizer.state_dict()
+            state["noise_multiplier"] = pt.noise_multiplier
+            if pt.sampler_generator is not None:
+                state["sampler_generator"] = pt.sampler_generator.get_state()
+        else:
+            state["optimizer"] = optimizer.state_dict()
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        run.add_artifact(
+            "checkpoint", f"epoch-{epoch}.pt", buf.getvalue(), round=epoch, replace=True
+        )
 
     def log_epoch(epoch: int, model_: torch.nn.Module, eps: float) -> None:
+        epoch += epochs_done
         m = task.evaluate(model_, data.test)
         loss, acc = m["loss"], m[task.metric]
         if run is not None:
             metrics = {"test_accuracy": acc, "test_loss": loss}
+            if task.metric != "accuracy":
+                metrics = {f"test_{task.metric}": acc, "test_loss": loss}
             if cfg.privacy.enabled:
                 metrics["epsilon"] = eps
             run.log_metrics(metrics, round=epoch)
         if on_epoch is not None:
-            on_epoch(epoch, {"test_accuracy": acc, "test_loss": loss, "epsilon": eps})
+            on_epoch(epoch, {"test_accuracy": acc, "test_loss": loss, "epsilon": eps, **m})
         monitor.check_loss(loss, f"epoch {epoch}")
+        checkpoint(epoch, done)
 
     def step_hook(step: int, loss: float) -> None:
-        monitor.check_parameters(model, step)
+        nonlocal done
+        done += 1
+        monitor.check_parameters(model, done)
         if on_step is not None:
-            on_step(step, planned, loss)
+            on_step(done, planned, loss)
 
+    if resume is not None:
+        optimizer_state = resume.optimizer
+        if not cfg.privacy.enabled:
+            optimizer.load_state_dict(optimizer_state)
+            shuffle.set_state(resume.loader_generator)
+    remaining = planned - done
     if not cfg.privacy.enabled:
+        if progress is not None:
+            progress(lambda: math.inf)
+        if observed is not None:
+            observed.armed = True
         result = train_non_private(
             model,
             optimizer,
             loader,
-            planned,
+            remaining,
             step_hook,
             lambda e: log_epoch(e, model, math.inf),
             loss_fn=task.per_sample_loss,
         )
+        result.steps = done
         return _finish(
             cfg, task, model, data, run, monitor, result, math.inf, None, planned, output
         )
 
     kwargs = privacy_kwargs(cfg)
-    pt: PrivateTraining = make_private(
+    ledger = None
+    if resume is not None:
+        # the spend of every step recorded, the killed attempt's steps after the checkpoint
+        # included; the plan's noise is kept (not re-calibrated) and the budget still enforced
+        kwargs["noise_multiplier"] = resume.noise_multiplier
+        ledger = PrivacyLedger.from_events(
+            resume.events,
+            cfg.privacy.accountant,
+            cfg.privacy.delta,
+            target_epsilon=cfg.privacy.target_epsilon,
+            sink=None if run is None else run.record_privacy_event,
+        )
+    pt = make_private(
         model,
         optimizer,
         loader,
         steps=planned,
         physical_batch_size=cfg.data.physical_batch_size,
         seed=cfg.seed,
+        ledger=ledger,
         ledger_sink=None if run is None else run.record_privacy_event,
         **kwargs,
     )
+    if resume is not None:
+        pt.optimizer.load_state_dict(resume.optimizer)
+        if pt.sampler_generator is not None and resume.sampler_generator is not None:
+            pt.sampler_generator.set_state(resume.sampler_generator)
+    if progress is not None:
+        progress(pt.epsilon)
+    if observed is not None:
+        observed.armed = True
     try:
-        result = train_private(
-            pt,
-            max_steps=planned,
-            loss_fn=task.per_sample_loss,
-            on_step=step_hook,
-            on_epoch=lambda e: log_epoch(e, pt.model, pt.epsilon()),
+        result = (
+            train_private(
+                pt,
+                max_steps=remaining,
+                loss_fn=task.per_sample_loss,
+                on_step=step_hook,
+                on_epoch=lambda e: log_epoch(e, pt.model, pt.epsilon()),
+            )
+            if remaining > 0
+            else LocalTrainResult(0, "completed", math.nan, pt.epsilon(), 0.0)
         )
     finally:
         pt.detach()
+    result.steps = done
     return _finish(
         cfg,
         task,
@@ -161,6 +257,71 @@ def train_central(
         planned,
         output,
     )
+
+
+@dataclass
+class CentralResume:
+    """What a central run continues from (see :func:`central_resume_state`)."""
+
+    epoch: int
+    steps: int
+    trainable: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    initial_loss: float
+    loader_generator: torch.Tensor
+    noise_multiplier: float | None = None
+    sampler_generator: torch.Tensor | None = None
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+
+def central_resume_state(
+    store, run_id: str, kinds: tuple[str, ...]
+) -> tuple[Config, CentralResume | None]:
+    """The config of central run ``run_id`` and its last checkpoint (None: it had not finished
+    an epoch and spent nothing, so it starts over)."""
+    row = store.get_run(run_id)
+    if row["kind"] not in kinds:
+        raise ConfigError(f"run {run_id} is a {row['kind']} run, not a {' or '.join(kinds)} run")
+    if row["status"] == "completed":
+        raise ConfigError(f"run {run_id} already completed; nothing to resume")
+    cfg = Config.from_dict(row["config"])
+    checkpoints = [a for a in store.artifacts(run_id, with_data=True) if a["kind"] == "checkpoint"]
+    events = store.privacy_events(run_id)
+    if not checkpoints:
+        if events:
+            raise StoreError(
+                f"run {run_id} spent privacy before its first checkpoint (the end of its first "
+                "epoch); it cannot be resumed: start a new run"
+            )
+        return cfg, None
+    last = max(checkpoints, key=lambda a: a["round"])
+    ck = torch.load(io.BytesIO(last["data"]), weights_only=False)
+    return cfg, CentralResume(
+        epoch=int(ck["epoch"]),
+        steps=int(ck["steps"]),
+        trainable=ck["trainable"],
+        optimizer=ck["optimizer"],
+        initial_loss=float(ck["initial_loss"]),
+        loader_generator=ck["loader_generator"],
+        noise_multiplier=ck.get("noise_multiplier"),
+        sampler_generator=ck.get("sampler_generator"),
+        events=events,
+    )
+
+
+class _Observed:
+    """The default collate, showing each training batch to ``on_batch`` (DP loaders reuse the
+    loader's collate function, so Poisson batches are seen too). Off until :attr:`armed`: the
+    set-up collates one record to learn the batch structure, which is not a training batch."""
+
+    def __init__(self, on_batch: Callable[[Any], None]) -> None:
+        self.on_batch, self.armed = on_batch, False
+
+    def __call__(self, records):
+        batch = default_collate(records)
+        if self.armed:
+            self.on_batch(batch)
+        return batch
 
 
 def export(task, model, run: RunHandle | None, output: Path | None) -> None:

@@ -283,7 +283,8 @@ def _child(payload_path: str) -> None:
     cfg = Config.from_dict(payload["config"])
     store = RunStore(payload["store"])
     run = RunHandle(store, payload["run_id"])
-    resume = resume_state(store, run.run_id)[1] if payload["resume"] else None
+    kind = store.get_run(run.run_id)["kind"]  # simulate, or finetune-federated
+    resume = resume_state(store, run.run_id, kinds=(kind,))[1] if payload["resume"] else None
     out: dict = {}
 
     def report(r: int, row: dict) -> None:

@@ -9,7 +9,7 @@ from dpfl.errors import ConfigError, StoreError
 from dpfl.server.loop import FederationResult, ResumeState, load_checkpoint, run_rounds
 from dpfl.store import RunHandle, RunStore
 
-__all__ = ["resume_state", "simulate"]
+__all__ = ["export_final_model", "resume_state", "simulate"]
 
 
 def simulate(
@@ -31,11 +31,14 @@ def simulate(
     return simulate_on_ray(cfg, run, resume=resume, on_round=on_round)
 
 
-def resume_state(store: RunStore, run_id: str) -> tuple[Config, ResumeState | None]:
+def resume_state(
+    store: RunStore, run_id: str, kinds: tuple[str, ...] = ("simulate",)
+) -> tuple[Config, ResumeState | None]:
     """The config of run ``run_id`` and the state after its last checkpointed round."""
     row = store.get_run(run_id)
-    if row["kind"] != "simulate":
-        raise ConfigError(f"run {run_id} is a {row['kind']} run, not a simulation")
+    if row["kind"] not in kinds:
+        what = "a simulation" if kinds == ("simulate",) else f"a {' or '.join(kinds)} run"
+        raise ConfigError(f"run {run_id} is a {row['kind']} run, not {what}")
     if row["status"] == "completed":
         raise ConfigError(f"run {run_id} already completed; nothing to resume")
     cfg = Config.from_dict(row["config"])
@@ -58,3 +61,27 @@ def resume_state(store: RunStore, run_id: str) -> tuple[Config, ResumeState | No
         participants={int(k): v for k, v in ck["participants"].items()},
         events=events,
     )
+
+
+def export_final_model(store: RunStore, run: RunHandle, cfg: Config, output=None) -> None:
+    """The federation's final global model (its last checkpoint: what the server released),
+    exported in the task's format to ``output`` and as the run's ``model`` artifacts; both
+    backends write the same checkpoints, so this works for either."""
+    from pathlib import Path
+
+    import torch
+
+    from dpfl.clients.central import export
+    from dpfl.tasks import get_task
+
+    checkpoints = [
+        a for a in store.artifacts(run.run_id, with_data=True) if a["kind"] == "checkpoint"
+    ]
+    if not checkpoints:
+        return
+    state = load_checkpoint(max(checkpoints, key=lambda a: a["round"])["data"])["global_state"]
+    torch.manual_seed(cfg.seed)
+    task = get_task(cfg)
+    model = task.build_model(task.load_data())
+    task.load_trainable_state(model, state)
+    export(task, model, run, None if output is None else Path(output))

@@ -420,10 +420,15 @@ class RunStore:
         *,
         round: int | None = None,
         media_type: str = "application/octet-stream",
+        replace: bool = False,
     ) -> int:
-        """Stores a blob (checkpoint, plot) inside the store; returns its id."""
+        """Stores a blob (checkpoint, plot) inside the store; returns its id. ``replace``: the
+        run's earlier artifacts of this ``kind`` are deleted in the same transaction (a central
+        run keeps only its latest checkpoint, which for full fine-tuning is hundreds of MB)."""
         with self.transaction() as c:
             self._touch(c, run_id)
+            if replace:
+                c.execute("DELETE FROM artifacts WHERE run_id=? AND kind=?", (run_id, kind))
             cur = c.execute(
                 "INSERT INTO artifacts (run_id, kind, name, round, media_type, data, sha256,"
                 " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",

@@ -2,12 +2,21 @@
 evaluation and the state that trains (what federations exchange and checkpoints hold).
 
 Centralized training, the federation's clients and server, audits and the CLI build through
-``get_task(cfg)`` instead of image-specific builders (issue 11, step 1). Today's task is
-``image-classification``; text classification and causal LM come next on the same seam.
+``get_task(cfg)`` instead of image-specific builders (issue 11, step 1). Tasks:
+``image-classification``, ``text-classification`` and ``causal-lm``.
 """
 
 from dpfl.tasks.base import TASKS, Task, TaskData, get_task
+from dpfl.tasks.causal_lm import CausalLM
 from dpfl.tasks.image import ImageClassification
 from dpfl.tasks.text import TextClassification
 
-__all__ = ["TASKS", "ImageClassification", "Task", "TaskData", "TextClassification", "get_task"]
+__all__ = [
+    "TASKS",
+    "CausalLM",
+    "ImageClassification",
+    "Task",
+    "TaskData",
+    "TextClassification",
+    "get_task",
+]
