@@ -407,7 +407,15 @@ class ModelConfig(_Section):
     path: str | None = _opt(
         None,
         doc="own model: an import string package.module:factory, or a state_dict checkpoint "
-        "(torch.save) loaded into model.name",
+        "(torch.save) loaded into model.name; text tasks: a Hugging Face model directory or "
+        "hub name",
+    )
+    pooling: str = _opt(
+        "auto",
+        choices=("auto", "cls", "mean"),
+        doc="text classification: mean (masked mean of the last hidden states, then a linear "
+        "head: how sentence-transformers models such as minilm are used), cls (the model's own "
+        "sequence-classification head); auto: mean for minilm, cls otherwise",
     )
 
     def _validate(self) -> None:

@@ -43,6 +43,8 @@ def _refuse_unused(cfg: Config, command: str, explicit: set[str]) -> None:
             f"{what}: dpfl {command} trains image models whole, with no LoRA adapters; LoRA is "
             "for the text tasks (text-classification, causal-lm): remove the lora keys"
         )
+    if cfg.task != "text-classification" and cfg.model.pooling != "auto":
+        raise ConfigError(f"model.pooling is for text classification, not {cfg.task}: remove it")
     if cfg.task == "image-classification" and cfg.data.max_records is not None:
         raise ConfigError(
             "data.max-records is for the text tasks; image data sets are used whole: remove it"

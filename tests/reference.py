@@ -90,3 +90,18 @@ def dp_accounting_pld_epsilon(
         one = one.self_compose(steps) if steps > 1 else one
         composed = one if composed is None else composed.compose(one)
     return float(composed.get_epsilon_for_delta(delta))
+
+
+def rdp_epsilon(sigma: float, q: float, steps: int, delta: float) -> float:
+    """Epsilon of ``steps`` Poisson-subsampled Gaussian steps by Google's dp_accounting RDP
+    accountant alone (its own RDP of the mechanism and its own conversion), over dpfl's orders
+    (the orders are a grid, not a formula: the same grid makes the minima comparable)."""
+    import dp_accounting
+    from dp_accounting.rdp import RdpAccountant
+
+    from dpfl.accountants.rdp import ORDERS
+
+    acc = RdpAccountant(list(ORDERS))
+    event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
+    acc.compose(event, steps)
+    return float(acc.get_epsilon(delta))

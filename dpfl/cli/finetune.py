@@ -239,10 +239,17 @@ def finetune(
         given = [
             name
             for name, value in (
-                ("--model", model), ("--data", data), ("--task", task), ("--lora-r", lora_r),
-                ("--epsilon", epsilon), ("--noise-multiplier", noise_multiplier),
-                ("--epochs", epochs), ("--clients", clients), ("--rounds", rounds),
-                ("--config", config), ("--device", device),
+                ("--model", model),
+                ("--data", data),
+                ("--task", task),
+                ("--lora-r", lora_r),
+                ("--epsilon", epsilon),
+                ("--noise-multiplier", noise_multiplier),
+                ("--epochs", epochs),
+                ("--clients", clients),
+                ("--rounds", rounds),
+                ("--config", config),
+                ("--device", device),
             )  # fmt: skip
             if value is not None
         ]
@@ -395,7 +402,8 @@ def _federated(cfg, run, state, as_json: bool, output: Path | None):
     from dpfl.simulation.runner import export_final_model
     from dpfl.simulation.runner import simulate as run_simulation
 
-    fields = {"acc": "-", "eps": "-"}
+    metric = _metric(cfg)
+    fields = {metric[:4]: "-", "eps": "-"}
     with progress_reporter("round", fields, as_json) as report:
         first = 0 if state is None else state.round
         report.update(total=cfg.federation.rounds, completed=first)
@@ -403,10 +411,10 @@ def _federated(cfg, run, state, as_json: bool, output: Path | None):
         def on_round(r: int, row: dict[str, float]) -> None:
             eps = row.get("epsilon-max", math.nan)
             shown = "inf" if math.isinf(eps) else f"{eps:.2f}"
-            report.update(completed=r, acc=f"{row['accuracy']:.3f}", eps=shown)
+            report.update(completed=r, eps=shown, **{metric[:4]: f"{row[metric]:.3f}"})
             eps_text = f"  epsilon max {shown}" if cfg.privacy.enabled else ""
             report.line(
-                f"round {r}/{cfg.federation.rounds}  {_metric(cfg)} {row['accuracy']:.4f}  "
+                f"round {r}/{cfg.federation.rounds}  {metric} {row[metric]:.4f}  "
                 f"loss {row['loss']:.4f}  clients {int(row['clients'])}  "
                 f"{int(row.get('bytes-down', 0) + row.get('bytes-up', 0)):,} bytes{eps_text}"
             )

@@ -86,7 +86,6 @@ def train(
     plot: PlotOption = None,
     store: StoreOption = DEFAULT_STORE,
 ) -> None:
-    """Centralized DP-SGD training (default: scikit-learn digits, small CNN)."""
     """Centralized DP-SGD training (default: scikit-learn digits, small CNN).
 
     Every config key can be set with --set (list them: dpfl config show).

@@ -226,7 +226,7 @@ def run_rounds(
             stopped, message = e.status, e.message
         eps = _epsilons(ledger, user_dp)
         row = {
-            "accuracy": acc,
+            task.metric: acc,  # accuracy, or perplexity for a causal LM
             "loss": loss,
             "clients": float(len(valid)),
             "dropped": float(len(info["dropped"])),

@@ -56,6 +56,24 @@ def llama():
     return get_peft_model(LlamaForCausalLM(cfg), lora), "lm"
 
 
+def mean_pool():
+    """dpfl's mean-pooling classifier (the embedded minilm's head) on a LoRA'd BertModel: the
+    mean is over each record's own unpadded tokens (two records here are padded)."""
+    from transformers import BertModel
+
+    from dpfl.config import LoraConfig as DpflLora
+    from dpfl.tasks.hf import apply_lora
+    from dpfl.tasks.text import MeanPoolClassifier, _drop_pooler
+
+    cfg = BertConfig(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=T, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    encoder = apply_lora(_drop_pooler(BertModel(cfg)), DpflLora(r=4, alpha=8.0), None)
+    return MeanPoolClassifier(encoder, 2), "cls"
+
+
 class Records(Dataset):
     """HF-style records: ({input_ids, attention_mask}, label); the last two are padded."""
 
@@ -92,7 +110,9 @@ def trainable(model):
 
 
 @pytest.mark.parametrize("backend", ["bk", "hooks", "functorch", "ghost"])
-@pytest.mark.parametrize("build", [bert, gpt2, llama], ids=["bert", "gpt2", "llama"])
+@pytest.mark.parametrize(
+    "build", [bert, gpt2, llama, mean_pool], ids=["bert", "gpt2", "llama", "mean-pool"]
+)
 def test_noise_free_unclipped_private_step_equals_the_plain_step(build, backend):
     torch.manual_seed(0)
     model, kind = build()
@@ -103,7 +123,9 @@ def test_noise_free_unclipped_private_step_equals_the_plain_step(build, backend)
     if kind == "lm":
         loss_fn, y = lm_loss, (x["input_ids"], x["attention_mask"])
     before = trainable(model)
-    assert before and all("lora_" in n or "modules_to_save" in n for n in before)
+    assert before and all(
+        "lora_" in n or "modules_to_save" in n or n.startswith("classifier.") for n in before
+    )
 
     # the reference: one plain SGD step on the mean loss of the batch
     twin.train()
@@ -154,7 +176,9 @@ def test_poisson_empty_batches_keep_the_dict_structure_and_step():
 
 
 @pytest.mark.parametrize("backend", ["bk", "hooks", "ghost"])
-@pytest.mark.parametrize("build", [bert, gpt2, llama], ids=["bert", "gpt2", "llama"])
+@pytest.mark.parametrize(
+    "build", [bert, gpt2, llama, mean_pool], ids=["bert", "gpt2", "llama", "mean-pool"]
+)
 def test_one_record_moves_the_released_sum_by_at_most_c_with_dict_batches(build, backend):
     """Through train_step with HF dict batches (noise 0, every record clipped): the released
     clipped sum with and without the last record differs by at most C."""

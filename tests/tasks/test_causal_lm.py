@@ -153,3 +153,29 @@ def test_finetune_trains_a_causal_lm_privately_and_the_adapter_reloads(tiny_lm, 
     assert task.evaluate(loaded, data.test)["perplexity"] == pytest.approx(
         summary["perplexity"], rel=1e-5
     )
+
+
+def test_a_federation_fine_tunes_a_causal_lm_exchanging_only_adapters(tiny_lm, tmp_path):
+    store = tmp_path / "s.sqlite"
+    args = [
+        "finetune", "--model", tiny_lm["model"], "--data", tiny_lm["jsonl"], "--federated",
+        "--clients", "2", "--rounds", "2", "--noise-multiplier", "1.0", "--json",
+        "--store", str(store), "--set", "data.batch-size=16",
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["task"] == "causal-lm" and summary["rounds"] == 2
+    assert math.isfinite(summary["perplexity"]) and set(summary["epsilon_per_client"]) == {
+        "client-0",
+        "client-1",
+    }
+    with RunStore(store) as s:
+        cfg = Config.from_dict(s.get_run(summary["run"])["config"])
+        names = {m["name"] for m in s.metrics(summary["run"])}
+    assert "perplexity" in names and "accuracy" not in names
+    task = get_task(cfg)
+    torch.manual_seed(cfg.seed)
+    model = task.build_model(task.load_data())
+    adapters = sum(v.numel() * v.element_size() for v in task.trainable_state(model).values())
+    assert summary["bytes_per_round"] == 4 * adapters  # down to 2 clients and back, adapters only

@@ -263,3 +263,40 @@ def test_natural_partition_keeps_each_owner_on_one_client(tiny, tmp_path):
         assert len(owners) == 2  # 6 movies dealt to 3 clients
         seen.append(owners)
     assert set().union(*seen) == {f"movie-{i}" for i in range(6)}
+
+
+def test_mean_pooling_trains_privately_and_its_export_reloads(tiny, tmp_path):
+    """model.pooling='mean' (the embedded minilm's head): the encoder's adapter loads with
+    PeftModel.from_pretrained onto AutoModel, and load_mean_pool_classifier rebuilds the whole
+    classifier with identical held-out results."""
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    from dpfl.clients.central import train_central
+    from dpfl.tasks.text import MeanPoolClassifier, load_mean_pool_classifier
+
+    out = tmp_path / "adapter"
+    extra = ("model.pooling='mean'", "optimizer.name='adam'", "optimizer.lr=0.05",
+             "privacy.noise-multiplier=0.5", "training.epochs=10")  # fmt: skip
+    cfg = load_config(None, sets(tiny, *extra))
+    result = train_central(cfg, output=out)
+    assert result.accuracy > 0.8  # chance 0.5
+    task = get_task(cfg)
+    data = task.load_data()
+    assert isinstance(task.build_model(data), MeanPoolClassifier)
+    loaded = load_mean_pool_classifier(tiny["model"], out)
+    m = task.evaluate(loaded, data.test)
+    assert m["accuracy"] == pytest.approx(result.accuracy)
+    assert m["loss"] == pytest.approx(result.test_loss, rel=1e-5)
+    encoder = PeftModel.from_pretrained(AutoModel.from_pretrained(tiny["model"]), out)
+    assert any("lora_B" in n and p.abs().sum() > 0 for n, p in encoder.named_parameters())
+
+
+def test_the_embedded_minilm_pools_by_mean_and_other_models_by_cls(tiny):
+    from dpfl.tasks.text import MeanPoolClassifier
+
+    assert get_task(load_config(None, ["task='text-classification'", "model.name='minilm'"])
+                    ).pooling() == "mean"  # fmt: skip
+    task = get_task(load_config(None, sets(tiny)))
+    assert task.pooling() == "cls"
+    assert not isinstance(task.build_model(task.load_data()), MeanPoolClassifier)
