@@ -47,8 +47,8 @@ def tiny_lm(request, tmp_path_factory):
     torch.manual_seed(0)
     if request.param == "gpt2":
         cfg = GPT2Config(
-            vocab_size=vocab, n_positions=128, bos_token_id=2, eos_token_id=2, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0,
-            embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0,
+            vocab_size=vocab, n_positions=128, bos_token_id=2, eos_token_id=2, n_embd=16,
+            n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0,
         )  # fmt: skip
         GPT2LMHeadModel(cfg).save_pretrained(model_dir)
     else:
