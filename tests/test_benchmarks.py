@@ -88,3 +88,13 @@ def test_default_lr_benchmark_quick_reports_the_tables_defaults():
             row = figures[f"{name}/{mode}"]
             assert row["default_lr"] == DEFAULT_LR[name][i]
             assert row["accuracy_at_default"] >= 0.5
+
+
+@pytest.mark.slow
+def test_finetune_benchmark_quick_prints_every_named_ratio():
+    figures = quick("finetune.py")
+    for name in ("lora_time_ratio", "full_time_ratio", "full_mem_ratio"):
+        assert figures[name] > 0
+    # bytes are exact, not timings: adapters + head are a small fraction of the 22.7 M weights
+    assert figures["lora_bytes_per_client"] < figures["full_bytes_per_client"]
+    assert 0 < figures["lora_bytes_ratio"] < 0.01

@@ -30,7 +30,14 @@ SHORTER = {
     "dpfl simulate --resume": [],
     "dpfl simulate": ["--set", "federation.rounds=3"],
     "dpfl audit run": ["--set", "training.epochs=1"],
-}
+    # MiniLM on 2 cores: a few steps on a few hundred records (runs too short to be judged)
+    "dpfl finetune --resume": [],
+    "dpfl finetune --federated": [
+        "--set", "data.max-records=3000", "--set", "federation.rounds=1",
+        "--set", "federation.local-steps=1",
+    ],
+    "dpfl finetune": ["--set", "data.max-records=300", "--set", "training.max-steps=2"],
+}  # fmt: skip
 #: smallest accuracy a recorded run must reach, by command prefix (after shortening)
 FLOORS = {
     "dpfl train --non-private": 0.9,
@@ -137,7 +144,13 @@ def test_every_readme_command_runs(tmp_path):
                 assert cmd.startswith("dpfl "), cmd
                 args = shlex.split(cmd)[1:]
                 if "RUN" in args:
-                    kind = "simulate" if "--resume" in args else None
+                    kind = None
+                    if "--resume" in args:
+                        kind = (
+                            "simulate"
+                            if cmd.startswith("dpfl simulate")
+                            else ("finetune-federated")
+                        )
                     run = _latest(store, kind)
                     if "--resume" in args:  # as if it had been killed after its rounds
                         with sqlite3.connect(store) as db:

@@ -327,17 +327,22 @@ def _resume_state(s, run_id: str, federated: bool):
 
 
 class _Throughput:
-    """Tokens (attention-mask ones) per second over the batches drawn so far."""
+    """Tokens (attention-mask ones: real, unpadded tokens) per second of training, from the
+    first batch drawn (loading and building are not counted)."""
 
     def __init__(self) -> None:
-        self.tokens, self.start = 0, time.perf_counter()
+        self.tokens, self.start = 0, None
 
     def __call__(self, batch: Any) -> None:
+        if self.start is None:
+            self.start = time.perf_counter()
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         if isinstance(x, dict) and "attention_mask" in x:
             self.tokens += int(x["attention_mask"].sum())
 
     def rate(self) -> float:
+        if self.start is None:
+            return 0.0
         return self.tokens / max(time.perf_counter() - self.start, 1e-9)
 
 

@@ -25,7 +25,7 @@ from dpfl.cli.common import (
     progress_reporter,
 )
 from dpfl.cli.main import app
-from dpfl.errors import ConfigError
+from dpfl.errors import ConfigError, StoreError
 from dpfl.jsonutil import dumps
 
 
@@ -73,6 +73,10 @@ def train(
         ),
     ] = False,
     device: DeviceOption = None,
+    resume: Annotated[
+        str | None,
+        typer.Option("--resume", help="Continue a killed run from its last completed epoch."),
+    ] = None,
     output: Annotated[
         Path | None,
         typer.Option(
@@ -113,13 +117,34 @@ def train(
         sets.append(f"training.device={device!r}")
     if non_private:
         sets.append("privacy.enabled=false")
-    cfg, explicit = load_run_config(config, sets)
     check_plot(plot)
     if output is not None and output.exists() and any(output.iterdir()):
         raise ConfigError(f"--output {output} is not empty: choose a new or empty directory")
-    check_train(cfg, explicit)  # everything that can be refused is refused before the run exists
+    state = None
+    if resume is not None:
+        if config is not None or sets:
+            raise ConfigError(
+                "--resume continues a run with its own config; drop the other options"
+            )
+        if not store.exists():
+            raise StoreError(f"no run store at {store} (use --store PATH)")
+        from dpfl.clients.central import central_resume_state
 
-    with RunStore(store) as s, s.run("train", cfg.to_dict(), name=cfg.name, seed=cfg.seed) as run:
+        with RunStore(store) as s:
+            run_id = s.resolve_run_id(resume)
+            cfg, state = central_resume_state(s, run_id, kinds=("train",))
+    else:
+        cfg, explicit = load_run_config(config, sets)
+        check_train(cfg, explicit)  # all that can be refused is refused before the run exists
+
+    with (
+        RunStore(store) as s,
+        s.tracking(
+            s.reopen_run(run_id)
+            if resume is not None
+            else s.create_run("train", cfg.to_dict(), name=cfg.name, seed=cfg.seed)
+        ) as run,
+    ):
         with progress_reporter("train", {"loss": "-"}, as_json) as report:
 
             def on_step(step: int, planned: int, loss: float) -> None:
@@ -133,7 +158,7 @@ def train(
                     f"test loss {m['test_loss']:.4f}{eps}"
                 )
 
-            result = train_central(cfg, run, on_step, on_epoch, output=output)
+            result = train_central(cfg, run, on_step, on_epoch, output=output, resume=state)
         summary = {
             "run": run.run_id,
             "accuracy": result.accuracy,

@@ -122,8 +122,14 @@ def train_central(
     planned = planned_steps(cfg, len(data.train))
     done = 0 if resume is None else resume.steps
     epochs_done = 0 if resume is None else resume.epoch
-    initial = task.evaluate(model, data.test)["loss"] if resume is None else resume.initial_loss
-    monitor = TrainingMonitor(initial, lr=optimizer.param_groups[0]["lr"])
+    if resume is None:
+        first = task.evaluate(model, data.test)
+        initial, initial_acc = first["loss"], first.get("accuracy")
+    else:
+        initial, initial_acc = resume.initial_loss, resume.initial_accuracy
+    monitor = TrainingMonitor(
+        initial, lr=optimizer.param_groups[0]["lr"], initial_accuracy=initial_acc
+    )
     pt: PrivateTraining | None = None
 
     def checkpoint(epoch: int, steps: int) -> None:
@@ -134,6 +140,7 @@ def train_central(
             "steps": steps,
             "trainable": task.trainable_state(model),
             "initial_loss": monitor.initial_loss,
+            "initial_accuracy": monitor.initial_accuracy,
             "loader_generator": shuffle.get_state(),
         }
         if pt is not None:
@@ -154,9 +161,7 @@ def train_central(
         m = task.evaluate(model_, data.test)
         loss, acc = m["loss"], m[task.metric]
         if run is not None:
-            metrics = {"test_accuracy": acc, "test_loss": loss}
-            if task.metric != "accuracy":
-                metrics = {f"test_{task.metric}": acc, "test_loss": loss}
+            metrics = {f"test_{task.metric}": acc, "test_loss": loss}
             if cfg.privacy.enabled:
                 metrics["epsilon"] = eps
             run.log_metrics(metrics, round=epoch)
@@ -269,6 +274,7 @@ class CentralResume:
     optimizer: dict[str, Any]
     initial_loss: float
     loader_generator: torch.Tensor
+    initial_accuracy: float | None = None
     noise_multiplier: float | None = None
     sampler_generator: torch.Tensor | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
@@ -302,6 +308,7 @@ def central_resume_state(
         trainable=ck["trainable"],
         optimizer=ck["optimizer"],
         initial_loss=float(ck["initial_loss"]),
+        initial_accuracy=ck.get("initial_accuracy"),
         loader_generator=ck["loader_generator"],
         noise_multiplier=ck.get("noise_multiplier"),
         sampler_generator=ck.get("sampler_generator"),
@@ -353,11 +360,11 @@ def _finish(
     loss, acc = m["loss"], m[task.metric]
     if result.stopped == "completed":
         one_epoch = math.ceil(len(data.train) / cfg.data.batch_size)
-        verdict = monitor.final(loss, judged=result.steps >= one_epoch)
+        verdict = monitor.final(loss, judged=result.steps >= one_epoch, accuracy=m.get("accuracy"))
         if verdict is not None:
             result.stopped, result.budget_message = verdict
     if run is not None:
-        final = {"test_accuracy": acc, "test_loss": loss, "steps": result.steps}
+        final = {f"test_{task.metric}": acc, "test_loss": loss, "steps": result.steps}
         if cfg.privacy.enabled:
             final["epsilon"] = eps
         run.log_metrics(final, scope="final")

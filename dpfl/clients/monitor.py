@@ -47,9 +47,15 @@ class TrainingMonitor:
     """
 
     def __init__(
-        self, initial_loss: float, *, lr: float | None = None, factor: float = DIVERGENCE_FACTOR
+        self,
+        initial_loss: float,
+        *,
+        lr: float | None = None,
+        factor: float = DIVERGENCE_FACTOR,
+        initial_accuracy: float | None = None,
     ) -> None:
         self.initial_loss = float(initial_loss)
+        self.initial_accuracy = initial_accuracy  # classifiers: see final()
         self.lr = lr
         self.factor = factor
 
@@ -78,13 +84,28 @@ class TrainingMonitor:
                 f"{self.factor:g}x its initial {self.initial_loss:.4g}" + _hint(self.lr),
             )
 
-    def final(self, loss: float, judged: bool = True) -> tuple[str, str] | None:
+    def final(
+        self,
+        loss: float,
+        judged: bool = True,
+        accuracy: float | None = None,
+    ) -> tuple[str, str] | None:
         """(status, message) if the finished run diverged or (when long enough to be
-        ``judged``) made no progress, else None."""
+        ``judged``) made no progress, else None. ``accuracy``: the final held-out accuracy of
+        a classifier (with ``initial_accuracy``): a run whose accuracy rose by at least
+        ``MIN_PROGRESS`` (absolute) made progress even if its loss did not fall (an
+        over-confident classifier: measured on MiniLM under DP-Adam, accuracy 0.58 -> 0.74
+        with the held-out loss 0.69 -> 0.99)."""
         try:
             self.check_loss(loss, "the end")
         except StopTraining as e:
             return e.status, e.message
+        if (
+            accuracy is not None
+            and self.initial_accuracy is not None
+            and accuracy >= self.initial_accuracy + MIN_PROGRESS
+        ):
+            return None
         if judged and loss > (1 - MIN_PROGRESS) * self.initial_loss:
             return (
                 "no-progress",

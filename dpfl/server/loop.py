@@ -156,7 +156,8 @@ def run_rounds(
     history: list[dict[str, float]] = []
     stopped, completed, message = "completed", first - 1, None
     loss, acc = _evaluate(task, model, global_state, data.test)
-    monitor = TrainingMonitor(loss)  # on the server's held-out set: released models only
+    # on the server's held-out set: released models only
+    monitor = TrainingMonitor(loss, initial_accuracy=acc if task.metric == "accuracy" else None)
     drops: dict[str, int] = {}
 
     for r in range(first, cfg.federation.rounds + 1):
@@ -262,7 +263,9 @@ def run_rounds(
         stopped = "failed"
         message = f"no round aggregated a valid reply (most common reason: {common})"
     elif stopped == "completed":
-        verdict = monitor.final(loss, judged=len(history) >= 3)
+        verdict = monitor.final(
+            loss, judged=len(history) >= 3, accuracy=acc if task.metric == "accuracy" else None
+        )
         if verdict is not None:
             stopped, message = verdict
     return FederationResult(

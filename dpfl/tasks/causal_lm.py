@@ -76,10 +76,18 @@ def smollm2_dir() -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quiet_transformers()
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(
-        source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32
-    )
+    tqdm_was = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"  # the GGUF reader's own progress bar
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32
+        )
+    finally:
+        if tqdm_was is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = tqdm_was
     # the dequantized model refuses save_pretrained while it still says it is GGUF-quantized
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

@@ -42,12 +42,20 @@ SETTINGS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--setting", choices=sorted(SETTINGS), required=True)
+    parser.add_argument("--setting", choices=sorted(SETTINGS))
+    parser.add_argument("--table", action="store_true", help="print results.json as a table")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--set", action="append", default=[], help="extra config overrides")
+    parser.add_argument("--tag", default=None, help="label of a variant (probes)")
     args = parser.parse_args()
+    if args.table:
+        table()
+        return
+    if args.setting is None:
+        parser.error("--setting is required (or --table)")
     torch.set_num_threads(args.threads)
-    sets = [*SETTINGS[args.setting], f"seed={args.seed}"]
+    sets = [*SETTINGS[args.setting], f"seed={args.seed}", *args.set]
     if args.setting == "nonprivate":
         sets = [s for s in sets if not s.startswith("privacy.") or s == "privacy.enabled=false"]
     cfg = load_config(DEFAULTS, sets)
@@ -55,6 +63,8 @@ def main() -> None:
     r = train_central(cfg, on_epoch=lambda e, m: print(f"epoch {e}: {m}", flush=True))
     row = {
         "setting": args.setting,
+        "tag": args.tag,
+        "overrides": args.set,
         "seed": args.seed,
         "accuracy": r.accuracy,
         "test_loss": r.test_loss,
@@ -70,6 +80,27 @@ def main() -> None:
     rows = json.loads(path.read_text()) if path.exists() else []
     rows.append(row)
     path.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def table() -> None:
+    """Mean +- std over seeds of each (setting, tag) in results.json, as a Markdown table."""
+    import statistics
+
+    rows = json.loads((HERE / "results.json").read_text())
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["setting"], r.get("tag") or ""), []).append(r)
+    print("| setting | variant | seeds | accuracy (mean +- std) | epsilon | noise multiplier |")
+    print("|---|---|---|---|---|---|")
+    for (setting, tag), rs in groups.items():
+        acc = [r["accuracy"] for r in rs]
+        sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
+        eps = max(r["epsilon"] for r in rs)
+        sigma = rs[0]["noise_multiplier"]
+        print(
+            f"| {setting} | {tag or 'default'} | {len(rs)} | {statistics.fmean(acc):.3f} +- "
+            f"{sd:.3f} | {eps:.2f} | {'-' if sigma is None else f'{sigma:.3f}'} |"
+        )
 
 
 if __name__ == "__main__":

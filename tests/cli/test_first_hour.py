@@ -222,3 +222,14 @@ def test_cli_start_up_does_not_import_torch_or_flower():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_classifier_whose_accuracy_rose_made_progress_even_if_its_loss_did_not_fall():
+    from dpfl.clients.monitor import TrainingMonitor
+
+    m = TrainingMonitor(0.693, initial_accuracy=0.58)
+    assert m.final(0.99, accuracy=0.74) is None  # over-confident, but it learned
+    assert m.final(0.99, accuracy=0.585)[0] == "no-progress"  # +0.5 points: not progress
+    assert m.final(0.99)[0] == "no-progress"  # no accuracy given: judged on the loss
+    assert TrainingMonitor(0.693).final(0.99, accuracy=0.9)[0] == "no-progress"
+    assert m.final(float("nan"), accuracy=0.9)[0] == "diverged"  # divergence still wins
