@@ -133,7 +133,9 @@ def train_central(
     pt: PrivateTraining | None = None
 
     def checkpoint(epoch: int, steps: int) -> None:
-        if run is None:
+        # DiceSGD's residual buffer is built from un-noised private gradients and its guarantee
+        # needs it hidden: such runs are not checkpointed (and cannot be resumed)
+        if run is None or (cfg.privacy.enabled and cfg.privacy.clipping == "dicesgd"):
             return
         state = {
             "epoch": epoch,
@@ -146,7 +148,9 @@ def train_central(
         if pt is not None:
             state["optimizer"] = pt.optimizer.state_dict()
             state["noise_multiplier"] = pt.noise_multiplier
-            if pt.sampler_generator is not None:
+            # secure mode seeds the sampler from the OS so that nobody knows the batches: its
+            # state is not stored (a secure-mode resume draws fresh batches)
+            if pt.sampler_generator is not None and not cfg.privacy.secure_mode:
                 state["sampler_generator"] = pt.sampler_generator.get_state()
         else:
             state["optimizer"] = optimizer.state_dict()
@@ -158,6 +162,9 @@ def train_central(
 
     def log_epoch(epoch: int, model_: torch.nn.Module, eps: float) -> None:
         epoch += epochs_done
+        # the checkpoint first: what is released about this epoch (its metrics) is released
+        # once, from the checkpointed state, even if the process dies in between
+        checkpoint(epoch, done)
         m = task.evaluate(model_, data.test)
         loss, acc = m["loss"], m[task.metric]
         if run is not None:
@@ -168,7 +175,6 @@ def train_central(
         if on_epoch is not None:
             on_epoch(epoch, {"test_accuracy": acc, "test_loss": loss, "epsilon": eps, **m})
         monitor.check_loss(loss, f"epoch {epoch}")
-        checkpoint(epoch, done)
 
     def step_hook(step: int, loss: float) -> None:
         nonlocal done
@@ -178,10 +184,11 @@ def train_central(
             on_step(done, planned, loss)
 
     if resume is not None:
-        optimizer_state = resume.optimizer
+        # the loader's order too when private: without Poisson sampling the private step
+        # iterates this same loader, and replayed noise must meet the same batches
+        shuffle.set_state(resume.loader_generator)
         if not cfg.privacy.enabled:
-            optimizer.load_state_dict(optimizer_state)
-            shuffle.set_state(resume.loader_generator)
+            optimizer.load_state_dict(resume.optimizer)
     remaining = planned - done
     if not cfg.privacy.enabled:
         if progress is not None:
@@ -294,6 +301,11 @@ def central_resume_state(
     checkpoints = [a for a in store.artifacts(run_id, with_data=True) if a["kind"] == "checkpoint"]
     events = store.privacy_events(run_id)
     if not checkpoints:
+        if events and cfg.privacy.enabled and cfg.privacy.clipping == "dicesgd":
+            raise StoreError(
+                f"run {run_id} uses DiceSGD, whose residual buffer must stay hidden, so it is "
+                "never checkpointed and cannot be resumed: start a new run"
+            )
         if events:
             raise StoreError(
                 f"run {run_id} spent privacy before its first checkpoint (the end of its first "

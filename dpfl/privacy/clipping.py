@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 import torch
 
 from dpfl.errors import ConfigError
+from dpfl.privacy.noise import gaussian_like
 from dpfl.validation import in_unit_interval_closed_open, positive
 
 __all__ = [
@@ -78,7 +79,9 @@ class ClipPolicy:
     ) -> None:
         """Accumulates statistics of a physical batch (adaptive clipping)."""
 
-    def end_step(self, expected_batch_size: float, generator: torch.Generator | None) -> None:
+    def end_step(
+        self, expected_batch_size: float, generator: torch.Generator | None, secure: bool = False
+    ) -> None:
         """Called once per logical step, after the noisy release."""
 
     def state_dict(self) -> dict[str, Any]:
@@ -252,8 +255,12 @@ class AdaptiveClip(ClipPolicy):
         self._unclipped += float((total <= self.clip_norm).sum()) - 0.5 * total.numel()
         self._seen += total.numel()
 
-    def end_step(self, expected_batch_size: float, generator: torch.Generator | None) -> None:
-        noise = float(torch.randn((), generator=generator, dtype=torch.float64))
+    def end_step(
+        self, expected_batch_size: float, generator: torch.Generator | None, secure: bool = False
+    ) -> None:
+        # the count's noise from the same source as the gradient's: the OS CSPRNG in secure mode
+        # (a seeded generator there would make the released count predictable from the seed)
+        noise = float(gaussian_like(torch.zeros((), dtype=torch.float64), 1.0, generator, secure))
         noisy = (self._unclipped + self.sigma_b(expected_batch_size) * noise) / expected_batch_size
         fraction = min(max(noisy + 0.5, 0.0), 1.0)
         self.clip_norm = min(

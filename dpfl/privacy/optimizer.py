@@ -199,7 +199,7 @@ class DPOptimizer(Optimizer):
         for p, s in zip(self.params, released, strict=True):
             noise = gaussian_like(s, std, self.generator, self.secure_mode)
             p.grad = (s + noise).div_(self.expected_batch_size).to(p.dtype)
-        self.policy.end_step(self.expected_batch_size, self.generator)
+        self.policy.end_step(self.expected_batch_size, self.generator, secure=self.secure_mode)
         # Adam-like inner optimizers correct their second moment for this noise (DP-AdamBC)
         for group in self.original_optimizer.param_groups:
             if "dp_noise_var" in group:

@@ -199,3 +199,24 @@ def test_the_task_follows_the_model_and_data():
     assert infer_task("smollm2", None, None) == "causal-lm"
     assert infer_task(None, "shakespeare", None) == "causal-lm"
     assert infer_task("minilm", "rotten-tomatoes", "text-classification") == "text-classification"
+
+
+def test_non_private_uses_the_baselines_recipe_unless_set(tiny, tmp_path):  # noqa: F811
+    store = tmp_path / "s.sqlite"
+    argv = ["finetune", "--model", tiny["model"], "--data", tiny["csv"], "--store", str(store)]
+    r = CliRunner().invoke(
+        app, [*argv, "--non-private", "--set", "training.max-steps=2", "--json"],
+        catch_exceptions=False,
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    r2 = CliRunner().invoke(
+        app, [*argv, "--non-private", "--set", "optimizer.lr=0.01", "--set",
+              "training.max-steps=2", "--json"], catch_exceptions=False,
+    )  # fmt: skip
+    assert r2.exit_code == 0, r2.output
+    with RunStore(store) as s:
+        a = Config.from_dict(s.get_run(json.loads(r.stdout)["run"])["config"])
+        b = Config.from_dict(s.get_run(json.loads(r2.stdout)["run"])["config"])
+    assert not a.privacy.enabled and a.optimizer.name == "adam" and a.optimizer.lr == 0.002
+    assert a.data.batch_size == 32 and a.training.epochs == 1.0
+    assert b.optimizer.lr == 0.01  # an explicit --set wins over the recipe
