@@ -197,3 +197,19 @@ def test_restore_after_save_gives_bit_identical_next_steps(clipping):
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     assert len(pt.ledger.events) == 6
     assert math.isfinite(pt.epsilon())
+
+
+def test_adaptive_clippings_count_noise_is_secure_in_secure_mode():
+    """The noisy unclipped count is released like the gradient: in secure mode its noise must
+    come from the OS CSPRNG, not the seeded generator (else it is predictable from the seed)."""
+    from dpfl.privacy.clipping import AdaptiveClip
+
+    def next_clip(secure: bool) -> float:
+        policy = AdaptiveClip(1.0, count_noise_std=1.0)
+        policy.observe(torch.full((8, 1), 0.5), 8.0, None)
+        policy.end_step(8.0, torch.Generator().manual_seed(0), secure=secure)
+        return policy.clip_norm
+
+    assert next_clip(False) == next_clip(False)  # seeded: reproducible
+    secure = {next_clip(True) for _ in range(4)}
+    assert len(secure) == 4  # fresh OS noise every time, whatever the seed
