@@ -395,6 +395,7 @@ def _central(cfg, run, state, as_json: bool, output: Path | None):
         "run": run.run_id,
         "task": cfg.task,
         metric: result.accuracy,
+        f"initial_{metric}": result.initial_metric,
         "test_loss": result.test_loss,
         "epsilon": result.epsilon,
         "delta": cfg.privacy.delta,
@@ -493,7 +494,9 @@ def _table(cfg, summary: dict[str, Any], federated: bool) -> None:
     table = Table(title=f"dpfl finetune: {model} on {data}, {lora}, {where} (run {summary['run']})")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    table.add_row(f"test {metric}", f"{summary[metric]:.4f}")
+    initial = summary.get(f"initial_{metric}")
+    before = "" if initial is None else f" (before: {initial:.4f})"
+    table.add_row(f"test {metric}", f"{summary[metric]:.4f}{before}")
     table.add_row("test loss", f"{summary['test_loss']:.4f}")
     who = "max over clients, " if federated and cfg.privacy.enabled else ""
     table.add_row(f"epsilon ({who}{cfg.privacy.accountant})", fmt_eps(summary["epsilon"]))

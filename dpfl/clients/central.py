@@ -74,6 +74,7 @@ class CentralResult:
     train: LocalTrainResult
     steps_planned: int
     lr: float | None = None  # the learning rate used (the solver's default unless set)
+    initial_metric: float | None = None  # the task's metric of the model before training
 
 
 def train_central(
@@ -125,8 +126,10 @@ def train_central(
     if resume is None:
         first = task.evaluate(model, data.test)
         initial, initial_acc = first["loss"], first.get("accuracy")
+        initial_metric = first[task.metric]
     else:
         initial, initial_acc = resume.initial_loss, resume.initial_accuracy
+        initial_metric = resume.initial_metric
     monitor = TrainingMonitor(
         initial, lr=optimizer.param_groups[0]["lr"], initial_accuracy=initial_acc
     )
@@ -143,6 +146,7 @@ def train_central(
             "trainable": task.trainable_state(model),
             "initial_loss": monitor.initial_loss,
             "initial_accuracy": monitor.initial_accuracy,
+            "initial_metric": initial_metric,
             "loader_generator": shuffle.get_state(),
         }
         if pt is not None:
@@ -205,9 +209,9 @@ def train_central(
             loss_fn=task.per_sample_loss,
         )
         result.steps = done
-        return _finish(
-            cfg, task, model, data, run, monitor, result, math.inf, None, planned, output
-        )
+        out = _finish(cfg, task, model, data, run, monitor, result, math.inf, None, planned, output)
+        out.initial_metric = initial_metric
+        return out
 
     kwargs = privacy_kwargs(cfg)
     ledger = None
@@ -256,7 +260,7 @@ def train_central(
     finally:
         pt.detach()
     result.steps = done
-    return _finish(
+    out = _finish(
         cfg,
         task,
         model,
@@ -269,6 +273,8 @@ def train_central(
         planned,
         output,
     )
+    out.initial_metric = initial_metric
+    return out
 
 
 @dataclass
@@ -282,6 +288,7 @@ class CentralResume:
     initial_loss: float
     loader_generator: torch.Tensor
     initial_accuracy: float | None = None
+    initial_metric: float | None = None
     noise_multiplier: float | None = None
     sampler_generator: torch.Tensor | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
@@ -321,6 +328,7 @@ def central_resume_state(
         optimizer=ck["optimizer"],
         initial_loss=float(ck["initial_loss"]),
         initial_accuracy=ck.get("initial_accuracy"),
+        initial_metric=ck.get("initial_metric"),
         loader_generator=ck["loader_generator"],
         noise_multiplier=ck.get("noise_multiplier"),
         sampler_generator=ck.get("sampler_generator"),
