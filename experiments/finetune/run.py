@@ -42,9 +42,40 @@ SETTINGS = {
 }  # fmt: skip
 
 
+def linear_probe(seed: int) -> dict:
+    """The frozen-embedding baseline: the pretrained MiniLM's masked-mean embeddings of the same
+    split, scikit-learn's logistic regression (L2, C = 1; non-private), held-out accuracy."""
+    from sklearn.linear_model import LogisticRegression
+
+    from dpfl.tasks import get_task
+
+    cfg = load_config(DEFAULTS, [f"seed={seed}", "lora.r=0"])
+    task = get_task(cfg)
+    data = task.load_data()
+    torch.manual_seed(seed)
+    model = task.build_model(data).eval()
+
+    @torch.no_grad()
+    def embed(ds):
+        out = []
+        for i in range(0, len(ds), 256):
+            ids, mask = ds.input_ids[i : i + 256], ds.attention_mask[i : i + 256]
+            h = model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+            m = mask.unsqueeze(-1).float()
+            out.append(((h * m).sum(1) / m.sum(1)).numpy())
+        import numpy as np
+
+        return np.concatenate(out)
+
+    clf = LogisticRegression(max_iter=5000).fit(embed(data.train), data.train.labels.numpy())
+    acc = float(clf.score(embed(data.test), data.test.labels.numpy()))
+    return {"accuracy": acc, "test_loss": None, "epsilon": float("inf"),
+            "noise_multiplier": None, "steps": None, "stopped": "completed"}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--setting", choices=sorted(SETTINGS))
+    parser.add_argument("--setting", choices=[*sorted(SETTINGS), "linear-probe"])
     parser.add_argument("--table", action="store_true", help="print results.json as a table")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
@@ -57,6 +88,13 @@ def main() -> None:
     if args.setting is None:
         parser.error("--setting is required (or --table)")
     torch.set_num_threads(args.threads)
+    if args.setting == "linear-probe":
+        start = time.time()
+        row = {"setting": "linear-probe", "tag": None, "overrides": [], "seed": args.seed,
+               **linear_probe(args.seed), "seconds": round(time.time() - start, 1),
+               "threads": args.threads}  # fmt: skip
+        _append(row)
+        return
     sets = [*SETTINGS[args.setting], f"seed={args.seed}", *args.set]
     if args.setting == "nonprivate":
         sets = [s for s in sets if not s.startswith("privacy.") or s == "privacy.enabled=false"]
@@ -77,6 +115,10 @@ def main() -> None:
         "seconds": round(time.time() - start, 1),
         "threads": args.threads,
     }
+    _append(row)
+
+
+def _append(row: dict) -> None:
     print(json.dumps(row), flush=True)
     path = HERE / "results.json"
     rows = json.loads(path.read_text()) if path.exists() else []
@@ -99,9 +141,10 @@ def table() -> None:
         sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
         eps = max(r["epsilon"] for r in rs)
         sigma = rs[0]["noise_multiplier"]
+        eps_text = "inf" if eps == float("inf") else f"{eps:.2f}"
         print(
             f"| {setting} | {tag or 'default'} | {len(rs)} | {statistics.fmean(acc):.3f} +- "
-            f"{sd:.3f} | {eps:.2f} | {'-' if sigma is None else f'{sigma:.3f}'} |"
+            f"{sd:.3f} | {eps_text} | {'-' if sigma is None else f'{sigma:.3f}'} |"
         )
 
 

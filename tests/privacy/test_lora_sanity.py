@@ -209,3 +209,34 @@ def test_one_record_moves_the_released_sum_by_at_most_c_with_dict_batches(build,
     moved = float((full - fewer).norm())
     assert moved <= clip * (1 + 1e-4), moved
     assert moved >= clip * 0.5  # the removed record was clipped to ~C: not a vacuous bound
+
+
+@pytest.mark.parametrize("backend", ["bk", "ghost"])
+def test_dict_batches_split_into_physical_batches_give_the_same_step(backend):
+    """data.physical-batch-size with HF dict batches: the logical batch of 6 records put through
+    the model 4 + 2 at a time releases the same clipped sum as all 6 at once (noise 0, a clip
+    every record reaches: the split must not change any record's clipping or drop a record)."""
+
+    def step(physical):
+        torch.manual_seed(0)
+        model, _ = bert()
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+        pt = make_private(
+            model, opt, DataLoader(Records(B), batch_size=B), noise_multiplier=0.0,
+            clip_norm=1e-3, grad_sample_mode=backend, poisson_sampling=False, seed=0,
+            physical_batch_size=physical,
+        )  # fmt: skip
+        try:
+            x, y = next(iter(DataLoader(Records(B), batch_size=B)))
+            pt.train_step(x, y, cls_loss)
+            return trainable(model)
+        finally:
+            pt.detach()
+
+    whole, split = step(None), step(4)
+    torch.manual_seed(0)
+    start = trainable(bert()[0])
+    assert whole.keys() == split.keys() == start.keys()
+    for n in whole:
+        assert torch.allclose(whole[n], split[n], atol=1e-7), n
+    assert any(not torch.allclose(whole[n], start[n]) for n in whole)  # the step moved them
