@@ -73,7 +73,7 @@ def _infer_reader(path: str) -> str:
     if not os.path.exists(path):
         raise ConfigError(
             f"data.path {path}: no such file or folder (an .npz or .csv file, or a folder with "
-            "one sub-folder of images per class)"
+            "one sub-folder of images per class; text tasks: a .csv / .jsonl file or hf:NAME)"
         )
     raise ConfigError(
         f"data.path {path}: cannot tell the format from the name; rename it to .npz or .csv, "
