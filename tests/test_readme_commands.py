@@ -34,9 +34,12 @@ SHORTER = {
     "dpfl finetune --resume": [],
     "dpfl finetune --federated": [
         "--set", "data.max-records=3000", "--set", "federation.rounds=1",
-        "--set", "federation.local-steps=1",
+        "--set", "federation.local-steps=1", "--set", "data.batch-size=32",
     ],
-    "dpfl finetune": ["--set", "data.max-records=300", "--set", "training.max-steps=2"],
+    "dpfl finetune": [
+        "--set", "data.max-records=300", "--set", "training.max-steps=2",
+        "--set", "data.batch-size=32",
+    ],
 }  # fmt: skip
 #: smallest accuracy a recorded run must reach, by command prefix (after shortening)
 FLOORS = {
