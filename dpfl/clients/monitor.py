@@ -107,6 +107,12 @@ class TrainingMonitor:
         ):
             return None
         if judged and loss > (1 - MIN_PROGRESS) * self.initial_loss:
+            if loss > self.initial_loss:  # it got worse: a step too large, not too small
+                return (
+                    "no-progress",
+                    f"no progress: held-out loss rose from {self.initial_loss:.4g} to {loss:.4g}"
+                    + _hint(self.lr).replace(")", ", or spend more privacy budget)"),
+                )
             return (
                 "no-progress",
                 f"no progress: held-out loss {loss:.4g} at the end is not 1% below its initial "
