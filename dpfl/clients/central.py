@@ -112,13 +112,8 @@ def train_central(
         task.load_trainable_state(model, resume.trainable)
     optimizer = create_optimizer(cfg.optimizer, model, private=cfg.privacy.enabled)
     observed = None if on_batch is None else _Observed(on_batch)
-    shuffle = torch.Generator().manual_seed(cfg.seed + 2)  # the non-private loader's order
     loader = DataLoader(
-        data.train,
-        batch_size=cfg.data.batch_size,
-        shuffle=True,
-        generator=shuffle,
-        collate_fn=observed,
+        data.train, batch_size=cfg.data.batch_size, shuffle=True, collate_fn=observed
     )
     planned = planned_steps(cfg, len(data.train))
     done = 0 if resume is None else resume.steps
@@ -147,7 +142,8 @@ def train_central(
             "initial_loss": monitor.initial_loss,
             "initial_accuracy": monitor.initial_accuracy,
             "initial_metric": initial_metric,
-            "loader_generator": shuffle.get_state(),
+            # torch's global generator: the non-private loader's order and dropout masks
+            "torch_rng": torch.get_rng_state(),
         }
         if pt is not None:
             state["optimizer"] = pt.optimizer.state_dict()
@@ -166,10 +162,10 @@ def train_central(
 
     def log_epoch(epoch: int, model_: torch.nn.Module, eps: float) -> None:
         epoch += epochs_done
-        # the checkpoint first: what is released about this epoch (its metrics) is released
-        # once, from the checkpointed state, even if the process dies in between
+        m = task.evaluate(model_, data.test)  # (its loader draws from torch's generator)
+        # the checkpoint before anything about this epoch is stored or shown: its metrics are
+        # released once, from the checkpointed state, even if the process dies in between
         checkpoint(epoch, done)
-        m = task.evaluate(model_, data.test)
         loss, acc = m["loss"], m[task.metric]
         if run is not None:
             metrics = {f"test_{task.metric}": acc, "test_loss": loss}
@@ -190,7 +186,6 @@ def train_central(
     if resume is not None:
         # the loader's order too when private: without Poisson sampling the private step
         # iterates this same loader, and replayed noise must meet the same batches
-        shuffle.set_state(resume.loader_generator)
         if not cfg.privacy.enabled:
             optimizer.load_state_dict(resume.optimizer)
     remaining = planned - done
@@ -199,6 +194,8 @@ def train_central(
             progress(lambda: math.inf)
         if observed is not None:
             observed.armed = True
+        if resume is not None:
+            torch.set_rng_state(resume.torch_rng)  # last: nothing after may draw from it
         result = train_non_private(
             model,
             optimizer,
@@ -245,6 +242,8 @@ def train_central(
         progress(pt.epsilon)
     if observed is not None:
         observed.armed = True
+    if resume is not None:
+        torch.set_rng_state(resume.torch_rng)  # last: nothing after may draw from it
     try:
         result = (
             train_private(
@@ -286,7 +285,7 @@ class CentralResume:
     trainable: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
     initial_loss: float
-    loader_generator: torch.Tensor
+    torch_rng: torch.Tensor
     initial_accuracy: float | None = None
     initial_metric: float | None = None
     noise_multiplier: float | None = None
@@ -329,7 +328,7 @@ def central_resume_state(
         initial_loss=float(ck["initial_loss"]),
         initial_accuracy=ck.get("initial_accuracy"),
         initial_metric=ck.get("initial_metric"),
-        loader_generator=ck["loader_generator"],
+        torch_rng=ck["torch_rng"],
         noise_multiplier=ck.get("noise_multiplier"),
         sampler_generator=ck.get("sampler_generator"),
         events=events,

@@ -206,7 +206,8 @@ def test_adaptive_clippings_count_noise_is_secure_in_secure_mode():
 
     def next_clip(secure: bool) -> float:
         policy = AdaptiveClip(1.0, count_noise_std=1.0)
-        policy.observe(torch.full((8, 1), 0.5), 8.0, None)
+        norms = torch.tensor([[0.5]] * 4 + [[2.0]] * 4)  # half clipped: the fraction is ~0.5
+        policy.observe(norms, 8.0, None)
         policy.end_step(8.0, torch.Generator().manual_seed(0), secure=secure)
         return policy.clip_norm
 

@@ -416,11 +416,11 @@ def test_mean_pool_empty_record_cannot_poison_the_released_sum(tiny, backend):  
 SUMMARY_KEYS = {
     "run", "task", "accuracy", "test_loss", "epsilon", "delta", "noise_multiplier", "steps",
     "steps_planned", "stopped", "seconds", "tokens_per_second", "lr", "trainable_parameters",
-    "parameters", "error",
+    "parameters", "error", "initial_accuracy",  # the pretrained model's held-out accuracy
 }  # fmt: skip
 CHECKPOINT_KEYS = {
-    "epoch", "steps", "trainable", "initial_loss", "initial_accuracy", "loader_generator",
-    "optimizer", "noise_multiplier", "sampler_generator",
+    "epoch", "steps", "trainable", "initial_loss", "initial_accuracy", "initial_metric",
+    "torch_rng", "optimizer", "noise_multiplier", "sampler_generator",
 }  # fmt: skip
 
 

@@ -52,9 +52,9 @@ def _spy(monkeypatch, module):
             given.append((where, float(loss)))
             return super().check_loss(loss, where)
 
-        def final(self, loss, judged=True):
-            given.append(("final", float(loss)))
-            return super().final(loss, judged)
+        def final(self, loss, judged=True, accuracy=None):
+            given.append(("final", float(loss)))  # accuracy: held-out too (server / test set)
+            return super().final(loss, judged, accuracy=accuracy)
 
     monkeypatch.setattr(module, "get_task", get_task)
     monkeypatch.setattr(module, "TrainingMonitor", SpyMonitor)
