@@ -183,11 +183,8 @@ def train_central(
         if on_step is not None:
             on_step(done, planned, loss)
 
-    if resume is not None:
-        # the loader's order too when private: without Poisson sampling the private step
-        # iterates this same loader, and replayed noise must meet the same batches
-        if not cfg.privacy.enabled:
-            optimizer.load_state_dict(resume.optimizer)
+    if resume is not None and not cfg.privacy.enabled:
+        optimizer.load_state_dict(resume.optimizer)
     remaining = planned - done
     if not cfg.privacy.enabled:
         if progress is not None:
