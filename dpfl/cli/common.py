@@ -25,8 +25,10 @@ __all__ = [
     "err_console",
     "fmt_eps",
     "fmt_float",
+    "epsilon_summary",
     "load_run_config",
     "progress_reporter",
+    "round_reporter",
 ]
 
 console = Console(highlight=False, soft_wrap=True)
@@ -173,3 +175,42 @@ def progress_reporter(label: str, fields: dict[str, str], as_json: bool) -> Iter
     )
     with progress:
         yield _Bar(progress, progress.add_task(label, total=None, **fields))
+
+
+#: the progress bar's short names of the tasks' metrics
+SHORT_METRIC = {"accuracy": "acc", "perplexity": "ppl"}
+
+
+def round_reporter(cfg, metric: str = "accuracy", traffic: bool = False):
+    """``(fields, make)`` for a federation's progress: ``fields`` for :func:`progress_reporter`,
+    ``make(report)`` the ``on_round(r, row)`` hook that updates it and prints one line per
+    round (the server's held-out ``metric``, loss, clients, epsilon; ``traffic``: the bytes the
+    round moved)."""
+    short = SHORT_METRIC.get(metric, metric[:4])
+
+    def make(report):
+        def on_round(r: int, row: dict[str, float]) -> None:
+            eps = row.get("epsilon-max", math.nan)
+            shown = "inf" if math.isinf(eps) else f"{eps:.2f}"
+            report.update(completed=r, eps=shown, **{short: f"{row[metric]:.3f}"})
+            eps_text = f"  epsilon max {shown}" if cfg.privacy.enabled else ""
+            moved = row.get("bytes-down", 0) + row.get("bytes-up", 0)
+            bytes_text = f"  {int(moved):,} bytes" if traffic else ""
+            report.line(
+                f"round {r}/{cfg.federation.rounds}  {metric} {row[metric]:.4f}  "
+                f"loss {row['loss']:.4f}  clients {int(row['clients'])}{bytes_text}{eps_text}"
+            )
+
+        return on_round
+
+    return {short: "-", "eps": "-"}, make
+
+
+def epsilon_summary(cfg, eps: dict[str, float]) -> tuple[float, float]:
+    """(max, median) epsilon over a federation's participants (inf without DP; 0 for a DP run
+    in which nobody released anything)."""
+    import statistics
+
+    if not cfg.privacy.enabled:
+        return math.inf, math.inf
+    return max(eps.values(), default=0.0), (statistics.median(eps.values()) if eps else 0.0)

@@ -28,10 +28,12 @@ from dpfl.cli.common import (
     StoreOption,
     check_plot,
     console,
+    epsilon_summary,
     fail,
     fmt_eps,
     load_run_config,
     progress_reporter,
+    round_reporter,
 )
 from dpfl.cli.main import app
 from dpfl.errors import ConfigError, StoreError
@@ -417,39 +419,29 @@ def _federated(cfg, run, state, as_json: bool, output: Path | None):
     from dpfl.simulation.runner import simulate as run_simulation
 
     metric = _metric(cfg)
-    fields = {metric[:4]: "-", "eps": "-"}
+    fields, make_on_round = round_reporter(cfg, metric, traffic=True)
     with progress_reporter("round", fields, as_json) as report:
         first = 0 if state is None else state.round
         report.update(total=cfg.federation.rounds, completed=first)
-
-        def on_round(r: int, row: dict[str, float]) -> None:
-            eps = row.get("epsilon-max", math.nan)
-            shown = "inf" if math.isinf(eps) else f"{eps:.2f}"
-            report.update(completed=r, eps=shown, **{metric[:4]: f"{row[metric]:.3f}"})
-            eps_text = f"  epsilon max {shown}" if cfg.privacy.enabled else ""
-            report.line(
-                f"round {r}/{cfg.federation.rounds}  {metric} {row[metric]:.4f}  "
-                f"loss {row['loss']:.4f}  clients {int(row['clients'])}  "
-                f"{int(row.get('bytes-down', 0) + row.get('bytes-up', 0)):,} bytes{eps_text}"
-            )
+        on_round = make_on_round(report)
 
         result = run_simulation(cfg, run, resume=state, on_round=on_round)
     export_final_model(run.store, run, cfg, output)
-    eps = result.epsilon
+    eps_max, eps_median = epsilon_summary(cfg, result.epsilon)
     traffic = [h.get("bytes-down", 0.0) + h.get("bytes-up", 0.0) for h in result.history]
     summary = {
         "run": run.run_id,
         "task": cfg.task,
-        _metric(cfg): result.accuracy,
+        metric: result.accuracy,
         "test_loss": result.loss,
         "rounds": result.rounds_completed,
         "stopped": result.stopped,
         "seconds": result.seconds,
         "privacy": "none" if not cfg.privacy.enabled else f"{cfg.privacy.level}-level",
         "delta": cfg.privacy.delta,
-        "epsilon": max(eps.values(), default=0.0) if cfg.privacy.enabled else math.inf,
-        "epsilon_median": statistics.median(eps.values()) if eps else math.inf,
-        "epsilon_per_client": eps,
+        "epsilon": eps_max,
+        "epsilon_median": eps_median,
+        "epsilon_per_client": result.epsilon,
         "noise_multiplier": result.noise_multiplier,
         "bytes_per_round": statistics.fmean(traffic) if traffic else 0.0,
         **_trainable(cfg),

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import statistics
 from pathlib import Path
 from typing import Annotated
 
@@ -19,10 +17,12 @@ from dpfl.cli.common import (
     StoreOption,
     check_plot,
     console,
+    epsilon_summary,
     fail,
     fmt_eps,
     load_run_config,
     progress_reporter,
+    round_reporter,
 )
 from dpfl.cli.main import app
 from dpfl.errors import ConfigError, StoreError
@@ -75,23 +75,14 @@ def simulate(
             state = None
             check_simulate(cfg, explicit)  # refused before the run exists in the store
             run = s.create_run("simulate", cfg.to_dict(), name=cfg.name, seed=cfg.seed)
-        fields = {"acc": "-", "eps": "-"}
+        fields, make_on_round = round_reporter(cfg)
         with s.tracking(run), progress_reporter("round", fields, as_json) as report:
             first = 0 if state is None else state.round
             report.update(total=cfg.federation.rounds, completed=first)
-
-            def on_round(r: int, row: dict[str, float]) -> None:
-                eps = row.get("epsilon-max", math.nan)
-                shown = "inf" if math.isinf(eps) else f"{eps:.2f}"
-                report.update(completed=r, acc=f"{row['accuracy']:.3f}", eps=shown)
-                eps_text = f"  epsilon max {shown}" if cfg.privacy.enabled else ""
-                report.line(
-                    f"round {r}/{cfg.federation.rounds}  accuracy {row['accuracy']:.4f}  "
-                    f"loss {row['loss']:.4f}  clients {int(row['clients'])}{eps_text}"
-                )
-
+            on_round = make_on_round(report)
             result = run_simulation(cfg, run, resume=state, on_round=on_round)
         eps = result.epsilon
+        eps_max, eps_median = epsilon_summary(cfg, eps)
         summary = {
             "run": run.run_id,
             "accuracy": result.accuracy,
@@ -101,10 +92,8 @@ def simulate(
             "seconds": result.seconds,
             "privacy": "none" if not cfg.privacy.enabled else f"{cfg.privacy.level}-level",
             "delta": cfg.privacy.delta,
-            "epsilon_max": max(eps.values(), default=0.0) if cfg.privacy.enabled else math.inf,
-            "epsilon_median": statistics.median(eps.values())
-            if eps
-            else (0.0 if cfg.privacy.enabled else math.inf),
+            "epsilon_max": eps_max,
+            "epsilon_median": eps_median,
             "epsilon": eps,
             "noise_multiplier": result.noise_multiplier,
         }
