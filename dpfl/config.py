@@ -345,6 +345,16 @@ class OptimizerConfig(_Section):
     adam_lr: float | None = _opt(
         None, check=positive, doc="AdamW lr of hybrid optimizers' non-hidden params"
     )
+    schedule: str = _opt(
+        "constant",
+        choices=("constant", "cosine", "linear"),
+        doc="centralized training's learning-rate schedule over the planned steps: constant, "
+        "or decay to 0 by a half cosine or linearly, after optimizer.warmup-steps (federated "
+        "clients: constant only)",
+    )
+    warmup_steps: int = _opt(
+        0, check=non_negative, doc="centralized training: linear warm-up steps from lr/warmup"
+    )
     local_state: str = _opt(
         "reset", choices=("reset", "persist"), doc="federated clients: keep solver state"
     )

@@ -49,6 +49,13 @@ def _refuse_unused(cfg: Config, command: str, explicit: set[str]) -> None:
         raise ConfigError(
             "data.max-records is for the text tasks; image data sets are used whole: remove it"
         )
+    if command == "simulate" and (
+        cfg.optimizer.schedule != "constant" or cfg.optimizer.warmup_steps
+    ):
+        raise ConfigError(
+            "optimizer.schedule / optimizer.warmup-steps shape centralized training (dpfl train, "
+            "dpfl finetune); a federation's clients train at a constant optimizer.lr: remove them"
+        )
     if not cfg.privacy.enabled:
         ignored = sorted(k for k in explicit if k.startswith("privacy.") and k != "privacy.enabled")
         if ignored:

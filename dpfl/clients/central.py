@@ -24,6 +24,7 @@ from dpfl.config import CLIP_LR_PER_STEP, Config
 from dpfl.device import resolve_device
 from dpfl.errors import ConfigError, StoreError
 from dpfl.optim import create_optimizer
+from dpfl.optim.schedule import LRSchedule
 from dpfl.privacy import PrivateTraining, make_private
 from dpfl.store import RunHandle
 from dpfl.tasks import get_task
@@ -111,11 +112,12 @@ def train_central(
     if resume is not None:
         task.load_trainable_state(model, resume.trainable)
     optimizer = create_optimizer(cfg.optimizer, model, private=cfg.privacy.enabled)
+    planned = planned_steps(cfg, len(data.train))
+    schedule = LRSchedule(optimizer, cfg.optimizer.schedule, planned, cfg.optimizer.warmup_steps)
     observed = None if on_batch is None else _Observed(on_batch)
     loader = DataLoader(
         data.train, batch_size=cfg.data.batch_size, shuffle=True, collate_fn=observed
     )
-    planned = planned_steps(cfg, len(data.train))
     done = 0 if resume is None else resume.steps
     epochs_done = 0 if resume is None else resume.epoch
     if resume is None:
@@ -125,9 +127,7 @@ def train_central(
     else:
         initial, initial_acc = resume.initial_loss, resume.initial_accuracy
         initial_metric = resume.initial_metric
-    monitor = TrainingMonitor(
-        initial, lr=optimizer.param_groups[0]["lr"], initial_accuracy=initial_acc
-    )
+    monitor = TrainingMonitor(initial, lr=schedule.base[0], initial_accuracy=initial_acc)
     pt: PrivateTraining | None = None
 
     def checkpoint(epoch: int, steps: int) -> None:
@@ -179,12 +179,14 @@ def train_central(
     def step_hook(step: int, loss: float) -> None:
         nonlocal done
         done += 1
+        schedule.apply(done)
         monitor.check_parameters(model, done)
         if on_step is not None:
             on_step(done, planned, loss)
 
     if resume is not None and not cfg.privacy.enabled:
         optimizer.load_state_dict(resume.optimizer)
+    schedule.apply(done)
     remaining = planned - done
     if not cfg.privacy.enabled:
         if progress is not None:
@@ -233,6 +235,7 @@ def train_central(
     )
     if resume is not None:
         pt.optimizer.load_state_dict(resume.optimizer)
+        schedule.apply(done)  # the loaded groups hold the checkpoint's rate
         if pt.sampler_generator is not None and resume.sampler_generator is not None:
             pt.sampler_generator.set_state(resume.sampler_generator)
     if progress is not None:

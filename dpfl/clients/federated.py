@@ -183,6 +183,11 @@ def _optimizer(
 ) -> torch.optim.Optimizer:
     # under user-level DP the local solver trains without noise (the server adds it)
     private = cfg.privacy.enabled and cfg.privacy.level == "sample"
+    if cfg.optimizer.schedule != "constant" or cfg.optimizer.warmup_steps:
+        raise ConfigError(
+            "optimizer.schedule / optimizer.warmup-steps are for centralized training; "
+            "federated clients train at a constant optimizer.lr"
+        )
     opt = create_optimizer(cfg.optimizer, model, private=private)
     if saved is not None and cfg.optimizer.local_state == "persist":
         opt.load_state_dict(torch.load(io.BytesIO(saved), weights_only=False))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from dpfl.cli.main import app
@@ -17,8 +18,9 @@ def _train(store, *args):
     return CliRunner().invoke(app, argv, catch_exceptions=False)
 
 
-def test_a_killed_train_run_resumes_bit_identically(tmp_path, monkeypatch):
-    r = _train(tmp_path / "whole.sqlite")
+@pytest.mark.parametrize("extra", [(), ("--set", "optimizer.schedule='cosine'")])
+def test_a_killed_train_run_resumes_bit_identically(tmp_path, monkeypatch, extra):
+    r = _train(tmp_path / "whole.sqlite", *extra)
     assert r.exit_code == 0, r.output
     reference = json.loads(r.stdout)
     real = central.train_private
@@ -35,7 +37,7 @@ def test_a_killed_train_run_resumes_bit_identically(tmp_path, monkeypatch):
 
     store = tmp_path / "killed.sqlite"
     monkeypatch.setattr(central, "train_private", killed_in_epoch_two)
-    assert _train(store).exit_code == 130
+    assert _train(store, *extra).exit_code == 130
     monkeypatch.setattr(central, "train_private", real)
     with RunStore(store) as s:
         (run,) = s.list_runs()
