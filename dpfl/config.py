@@ -461,7 +461,18 @@ class TrainingConfig(_Section):
             )
 
 
-STRATEGIES = ("fedavg", "fedprox", "dp-fedavg", "median", "trimmed-mean")
+STRATEGIES = (
+    "fedavg",
+    "fedprox",
+    "dp-fedavg",
+    "median",
+    "trimmed-mean",
+    "lora-fedavg",
+    "ffa-lora",
+    "fedsvd",
+)
+#: strategies that need a LoRA model (text task, lora.r > 0)
+LORA_STRATEGIES = ("lora-fedavg", "ffa-lora", "fedsvd")
 
 
 @dataclass(frozen=True)
@@ -499,6 +510,19 @@ class FederationConfig(_Section):
     strategy: str = _opt("fedavg", choices=STRATEGIES, doc="server strategy")
     server_lr: float = _opt(1.0, check=positive, doc="server step on the mean update (dp-fedavg)")
     proximal_mu: float = _opt(0.01, check=non_negative, doc="fedprox proximal weight")
+    svd_period: int = _opt(
+        1, check=non_negative, doc="fedsvd: re-factorize every this many rounds (0: ffa-lora)"
+    )
+    svd_warmup: int = _opt(
+        0, check=non_negative, doc="fedsvd: no re-factorization in the first this many rounds"
+    )
+    calibration: str = _opt(
+        "worst-case",
+        choices=("worst-case", "expected"),
+        doc="sample-level DP under a target epsilon: each client calibrates its noise for "
+        "taking part in every round (worst-case) or in ceil(rounds x fraction) rounds "
+        "(expected; a client sampled more often stops when its budget is spent)",
+    )
     trim_fraction: float = _opt(
         0.1, doc="trimmed-mean: fraction cut at each end", allowed="[0, 0.5)"
     )

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dpfl.config import Config, LoraConfig
+from dpfl.config import LORA_STRATEGIES, Config, LoraConfig
 from dpfl.errors import AccountantError, ConfigError, IncompatibleModelError, PrivacyBudgetError
 
 __all__ = ["MAX_PLANNED_STEPS", "check_simulate", "check_train", "explicit_keys"]
@@ -96,6 +96,30 @@ def _check_model(cfg: Config, task, data, private: bool):
     return model
 
 
+def _check_lora_strategy(cfg: Config, task, model) -> None:
+    """lora-fedavg / ffa-lora / fedsvd train LoRA adapters: the model must have them, and
+    fedsvd's A must be able to hold r orthonormal rows."""
+    from dpfl.lora import lora_pairs
+
+    strategy = cfg.federation.strategy
+    state = task.trainable_state(model)
+    pairs = lora_pairs(state) if cfg.task != "image-classification" else []
+    if not pairs:
+        raise ConfigError(
+            f"federation.strategy={strategy!r} trains LoRA adapters, and this model has none "
+            f"(task {cfg.task}, lora.r={cfg.lora.r}): use a text task with lora.r > 0, or "
+            "federation.strategy='fedavg'"
+        )
+    if strategy == "fedsvd":
+        for a_key, b_key in pairs:
+            (r, d_in), d_out = state[a_key].shape, state[b_key].shape[0]
+            if r > min(d_in, d_out):
+                raise ConfigError(
+                    f"fedsvd: lora.r={r} exceeds a LoRA layer's dimensions ({d_out} x {d_in}, "
+                    f"{a_key}); lower lora.r to at most {min(d_in, d_out)}"
+                )
+
+
 def _check_steps(planned: int, what: str) -> None:
     if planned > MAX_PLANNED_STEPS:
         raise ConfigError(
@@ -160,7 +184,9 @@ def check_simulate(cfg: Config, explicit: set[str] = frozenset()) -> None:  # ty
     _check_steps(
         f.rounds * max(_local_steps(cfg, n) for n in sizes), "federation.rounds x local steps"
     )
-    _check_model(cfg, task, data, p.enabled and p.level == "sample")
+    model = _check_model(cfg, task, data, p.enabled and p.level == "sample")
+    if f.strategy in LORA_STRATEGIES:
+        _check_lora_strategy(cfg, task, model)
     if not (p.enabled and p.target_epsilon is not None):
         return
     if p.level == "user":

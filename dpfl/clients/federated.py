@@ -6,9 +6,10 @@ Three modes, from the config:
 * sample-level DP (``privacy.level = "sample"``): local DP-SGD whose ledger persists across
   rounds in the client's state (one accountant for the whole run, never a fresh one per round).
   The noise multiplier is fixed at the first participation (given, or calibrated once for the
-  planned participation: ``ceil(rounds * sampling rate)`` rounds of local steps; our choice, the
-  budget guard stops the client if it is sampled more often). A client whose budget is spent
-  stops training and says so (``status = "budget-exhausted"``);
+  worst case, every round: ``rounds`` x local steps; with ``federation.calibration =
+  "expected"``, for ``ceil(rounds * sampling rate)`` rounds, and the budget guard stops the
+  client if it is sampled more often). A client whose budget is spent stops training and says
+  so (``status = "budget-exhausted"``);
 * user-level DP (``dp-fedavg``): local non-private training, then the update
   ``theta_local - theta_global`` is clipped to the server's current clip norm; the reply carries
   the clipped update and whether it was left unclipped (for adaptive clipping).
@@ -48,7 +49,6 @@ from dpfl.accountants import (
 )
 from dpfl.clients.central import privacy_kwargs
 from dpfl.clients.local_train import train_non_private, train_private
-from dpfl.clients.proximal import ProximalOptimizer
 from dpfl.config import Config
 from dpfl.data.partition import partition_indices, train_test_split_indices
 from dpfl.device import resolve_device
@@ -56,6 +56,7 @@ from dpfl.errors import ConfigError
 from dpfl.optim import create_optimizer
 from dpfl.privacy import make_private
 from dpfl.server.aggregation import flat_clip, subtract
+from dpfl.server.strategies import client_behaviour
 from dpfl.tasks import TaskData, get_task
 
 __all__ = [
@@ -150,10 +151,18 @@ def _local_steps(cfg: Config, n_train: int) -> int:
 
 def calibration_plan(cfg: Config, n_train: int) -> tuple[float, int]:
     """(sample rate, steps) a client with ``n_train`` records calibrates its noise for at its
-    first round under a target epsilon: its expected participations times its local steps
-    (``dpfl simulate`` checks every client's plan with this before the run starts)."""
+    first round under a target epsilon: its participations times its local steps, the
+    participations being every round (``federation.calibration = "worst-case"``, the default:
+    a client sampled in every round still ends within its budget) or the expected
+    ``ceil(rounds x fraction)`` (``"expected"``: less noise, and a client sampled more often
+    stops on its budget). ``dpfl simulate`` checks every client's plan with this before the run
+    starts."""
     q = min(cfg.data.batch_size / n_train, 1.0)
-    planned_rounds = max(1, math.ceil(cfg.federation.rounds * _participation(cfg)))
+    f = cfg.federation
+    if f.calibration == "worst-case":
+        planned_rounds = f.rounds
+    else:
+        planned_rounds = max(1, math.ceil(f.rounds * _participation(cfg)))
     return q, planned_rounds * _local_steps(cfg, n_train)
 
 
@@ -191,12 +200,7 @@ def _optimizer(
     opt = create_optimizer(cfg.optimizer, model, private=private)
     if saved is not None and cfg.optimizer.local_state == "persist":
         opt.load_state_dict(torch.load(io.BytesIO(saved), weights_only=False))
-    if cfg.federation.strategy == "fedprox" and cfg.federation.proximal_mu > 0:
-        anchor = [
-            global_state[n].to(p.device) for n, p in model.named_parameters() if p.requires_grad
-        ]
-        opt = ProximalOptimizer(opt, anchor, cfg.federation.proximal_mu)
-    return opt
+    return client_behaviour(cfg).wrap_optimizer(opt, model, global_state)
 
 
 def _history_ledger(cfg: Config, who: str, phases: list[Phase]) -> PrivacyLedger:
@@ -236,6 +240,8 @@ def run_client_round(
     task = get_task(cfg)
     model = _model(cfg).to(resolve_device(cfg.training.device))
     task.load_trainable_state(model, global_state)
+    behaviour = client_behaviour(cfg)
+    behaviour.prepare(model)  # before the solver and the private step see the parameters
     metrics: dict[str, float] = {"partition-id": float(partition_id)}
     diagnostics: dict[str, float] = {}  # computed on this client's records: leave only if opted in
     opt = _optimizer(cfg, model, global_state, optimizer_state)
@@ -255,6 +261,8 @@ def run_client_round(
         )
     else:
         result = _plain(cfg, model, opt, train, global_state, metrics, diagnostics, clip)
+    if result.arrays is not None:
+        result.arrays = behaviour.reply(result.arrays)  # e.g. ffa-lora / fedsvd: no A
     if cfg.optimizer.local_state == "persist":
         buf = io.BytesIO()
         torch.save(opt.state_dict(), buf)

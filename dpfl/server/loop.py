@@ -190,7 +190,7 @@ def run_rounds(
             m.metadata.src_node_id: m
             for m in grid.send_and_receive(messages, timeout=cfg.federation.reply_timeout)
         }
-        reference = _reference(global_state, strategy.sends_updates)
+        reference = strategy.reply_reference(global_state, cfg)
         valid: list[Reply] = []
         for n in sampled:
             reply, reason = _validate(n, replies.get(n), reference, ledger, participants, r)
@@ -290,12 +290,6 @@ def _evaluate(task: Task, model: torch.nn.Module, state, dataset) -> tuple[float
 
 def _nbytes(state: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
-
-
-def _reference(global_state, updates: bool) -> dict[str, torch.Tensor]:
-    if not updates:
-        return global_state
-    return {k: v for k, v in global_state.items() if v.is_floating_point()}
 
 
 def _epsilons(ledger: PrivacyLedger, user_dp: bool) -> dict[str, float]:

@@ -23,8 +23,22 @@
   generator seeded by the run seed (reproducible, so whoever knows the seed, which the run
   store records, can subtract the noise).
 
+* ``lora-fedavg``: FedAvg on a LoRA model's adapters: clients train A and B, the server averages
+  each separately (what Flower's FlowerTune does);
+* ``ffa-lora``: A frozen at its (shared) random init on every client, clients train and send only
+  B (and the head), the server averages B (Sun et al., ICLR 2024);
+* ``fedsvd``: as ffa-lora on the clients; the server then re-factorizes every layer's averaged
+  ``B A`` into ``A = V^T`` (orthonormal rows) and ``B = U S`` (:func:`dpfl.lora.refactorize`) and
+  sends both (Lee et al., NeurIPS 2025; every ``federation.svd-period`` rounds after
+  ``federation.svd-warmup``; period 0 is ffa-lora).
+
+Each strategy declares once what its clients do (:class:`ClientBehaviour`: what to freeze, what
+to send, how to wrap the solver); the client asks :func:`client_behaviour` and never tests the
+strategy's name.
+
 Sample-level DP (``privacy.level = "sample"``) needs nothing from the strategy: the clients'
-releases are already private and any aggregation of them is post-processing.
+releases are already private and any aggregation of them (averaging, FedSVD's SVD) is
+post-processing, charged nothing.
 """
 
 from __future__ import annotations
@@ -38,6 +52,7 @@ import torch
 from dpfl.accountants import PrivacyLedger
 from dpfl.config import CLIP_LR_PER_ROUND, Config
 from dpfl.errors import ConfigError
+from dpfl.lora import is_lora_a, refactorize_state
 from dpfl.privacy.noise import gaussian_like
 from dpfl.registry import Registry
 from dpfl.server.aggregation import (
@@ -49,7 +64,52 @@ from dpfl.server.aggregation import (
     weighted_average,
 )
 
-__all__ = ["STRATEGIES", "Reply", "Strategy", "create_strategy"]
+__all__ = [
+    "STRATEGIES",
+    "ClientBehaviour",
+    "Reply",
+    "Strategy",
+    "client_behaviour",
+    "create_strategy",
+]
+
+
+@dataclass(frozen=True)
+class ClientBehaviour:
+    """What a strategy asks of each client: a pure description, applied by the client.
+
+    ``freeze_lora_a``: every LoRA A stays as received (requires_grad off before the solver and
+    the private step are built), and the reply leaves the A tensors out (the server keeps its
+    own); ``proximal_mu``: FedProx's proximal term on the solver.
+    """
+
+    freeze_lora_a: bool = False
+    proximal_mu: float = 0.0
+
+    def prepare(self, model: torch.nn.Module) -> None:
+        if self.freeze_lora_a:
+            for name, p in model.named_parameters():
+                if is_lora_a(name):
+                    p.requires_grad_(False)
+
+    def sends(self, key: str) -> bool:
+        return not (self.freeze_lora_a and is_lora_a(key))
+
+    def reply(self, state: State) -> State:
+        """The part of a client's trainable state its reply carries."""
+        return {k: v for k, v in state.items() if self.sends(k)}
+
+    def wrap_optimizer(
+        self, opt: torch.optim.Optimizer, model: torch.nn.Module, global_state: State
+    ) -> torch.optim.Optimizer:
+        if self.proximal_mu <= 0:
+            return opt
+        from dpfl.clients.proximal import ProximalOptimizer
+
+        anchor = [
+            global_state[n].to(p.device) for n, p in model.named_parameters() if p.requires_grad
+        ]
+        return ProximalOptimizer(opt, anchor, self.proximal_mu)
 
 
 @dataclass
@@ -67,6 +127,22 @@ class Strategy:
     name = ""
     #: clients send their clipped update instead of their model
     sends_updates = False
+
+    @classmethod
+    def from_config(cls, cfg: Config, **kwargs: Any) -> Strategy:
+        return cls()
+
+    @classmethod
+    def client_behaviour(cls, cfg: Config) -> ClientBehaviour:
+        """What this strategy's clients do (declared once, per strategy)."""
+        return ClientBehaviour()
+
+    def reply_reference(self, global_state: State, cfg: Config) -> State:
+        """The tensors a valid reply holds (names, shapes, dtypes), given the global state."""
+        keep = self.client_behaviour(cfg).sends
+        if self.sends_updates:
+            return {k: v for k, v in global_state.items() if v.is_floating_point() and keep(k)}
+        return {k: v for k, v in global_state.items() if keep(k)}
 
     def client_config(self) -> dict[str, Any]:
         """Extra per-round values sent to every sampled client."""
@@ -92,20 +168,70 @@ class FedAvg(Strategy):
         #: weight by num-examples (no DP) or not (DP: each client weight 1, our choice)
         self.weighted = weighted
 
+    @classmethod
+    def from_config(cls, cfg: Config, **kwargs: Any) -> Strategy:
+        return cls(weighted=not cfg.privacy.enabled)
+
     def aggregate(self, global_state, replies, server_round):
         weights = [r.num_examples if self.weighted else 1 for r in replies]
-        return weighted_average([r.arrays for r in replies], weights)
+        # what the replies leave out (ffa-lora's frozen A) stays as the server has it
+        return {**global_state, **weighted_average([r.arrays for r in replies], weights)}
 
 
 class FedProx(FedAvg):
     name = "fedprox"
+
+    @classmethod
+    def client_behaviour(cls, cfg: Config) -> ClientBehaviour:
+        return ClientBehaviour(proximal_mu=cfg.federation.proximal_mu)
+
+
+class LoraFedAvg(FedAvg):
+    """FedAvg of a LoRA model's adapters: A and B trained and averaged separately."""
+
+    name = "lora-fedavg"
+
+
+class FFALoRA(FedAvg):
+    """FFA-LoRA: A frozen at its shared init, only B (and the head) trained, sent, averaged."""
+
+    name = "ffa-lora"
+
+    @classmethod
+    def client_behaviour(cls, cfg: Config) -> ClientBehaviour:
+        return ClientBehaviour(freeze_lora_a=True)
+
+
+class FedSVD(FFALoRA):
+    """FedSVD: FFA-LoRA's clients; the server re-factorizes each averaged ``B A`` by SVD."""
+
+    name = "fedsvd"
+
+    def __init__(self, weighted: bool, period: int, warmup: int) -> None:
+        super().__init__(weighted)
+        self.period, self.warmup = period, warmup
+
+    @classmethod
+    def from_config(cls, cfg: Config, **kwargs: Any) -> Strategy:
+        f = cfg.federation
+        return cls(not cfg.privacy.enabled, f.svd_period, f.svd_warmup)
+
+    def refactorizes(self, server_round: int) -> bool:
+        """Whether round ``server_round``'s aggregate is re-factorized (the official code's
+        rule: every ``period`` rounds, after ``warmup`` rounds; never with period 0)."""
+        return self.period > 0 and server_round % self.period == 0 and server_round > self.warmup
+
+    def aggregate(self, global_state, replies, server_round):
+        # B_{t+1/2} = mean of the clients' B (= B_t + mean delta B: every client started at B_t)
+        half = super().aggregate(global_state, replies, server_round)
+        return refactorize_state(half) if self.refactorizes(server_round) else half
 
 
 class Median(Strategy):
     name = "median"
 
     def aggregate(self, global_state, replies, server_round):
-        return coordinate_median([r.arrays for r in replies])
+        return {**global_state, **coordinate_median([r.arrays for r in replies])}
 
 
 class TrimmedMean(Strategy):
@@ -114,8 +240,12 @@ class TrimmedMean(Strategy):
     def __init__(self, trim_fraction: float) -> None:
         self.trim_fraction = trim_fraction
 
+    @classmethod
+    def from_config(cls, cfg: Config, **kwargs: Any) -> Strategy:
+        return cls(cfg.federation.trim_fraction)
+
     def aggregate(self, global_state, replies, server_round):
-        return trimmed_mean([r.arrays for r in replies], self.trim_fraction)
+        return {**global_state, **trimmed_mean([r.arrays for r in replies], self.trim_fraction)}
 
 
 class DPFedAvg(Strategy):
@@ -146,6 +276,12 @@ class DPFedAvg(Strategy):
                 f"std = {2 * self.count_std:g}; sample more clients per round or set "
                 "privacy.count-noise-std"
             )
+
+    @classmethod
+    def from_config(
+        cls, cfg: Config, *, ledger: PrivacyLedger, noise_multiplier: float, **_: Any
+    ) -> Strategy:
+        return cls(cfg, ledger, noise_multiplier)
 
     def gradient_multiplier(self) -> float:
         z = self.noise_multiplier
@@ -217,15 +353,15 @@ def _unclipped_bit(reply: Reply, norm: float, clip: float) -> float:
     return 1.0 if reported == 1.0 else 0.0
 
 
-STRATEGIES: Registry[Strategy] = Registry("strategy")
-STRATEGIES.register("fedavg", lambda cfg, **_: FedAvg(weighted=not cfg.privacy.enabled))
-STRATEGIES.register("fedprox", lambda cfg, **_: FedProx(weighted=not cfg.privacy.enabled))
-STRATEGIES.register("median", lambda cfg, **_: Median())
-STRATEGIES.register("trimmed-mean", lambda cfg, **_: TrimmedMean(cfg.federation.trim_fraction))
-STRATEGIES.register(
-    "dp-fedavg", lambda cfg, ledger, noise_multiplier, **_: DPFedAvg(cfg, ledger, noise_multiplier)
-)
+STRATEGIES: Registry[type[Strategy]] = Registry("strategy")
+for _cls in (FedAvg, FedProx, LoraFedAvg, FFALoRA, FedSVD, Median, TrimmedMean, DPFedAvg):
+    STRATEGIES.register(_cls.name, _cls)
 
 
 def create_strategy(cfg: Config, **kwargs: Any) -> Strategy:
-    return STRATEGIES.create(cfg.federation.strategy, cfg, **kwargs)
+    return STRATEGIES.get(cfg.federation.strategy).from_config(cfg, **kwargs)
+
+
+def client_behaviour(cfg: Config) -> ClientBehaviour:
+    """What the configured strategy asks of its clients."""
+    return STRATEGIES.get(cfg.federation.strategy).client_behaviour(cfg)

@@ -103,7 +103,9 @@ def test_client_with_spent_budget_stops_and_says_so(store_path):
         msg.content["config"]["federation.fraction"] = 0.34
         return dpfl_train(msg, ctx)
 
-    cfg = cfg_with("privacy.target-epsilon=2.0", "federation.rounds=3")
+    cfg = cfg_with(
+        "privacy.target-epsilon=2.0", "federation.rounds=3", "federation.calibration='expected'"
+    )
     grid = InProcessGrid(_wrapped(expects_sampling_rate_034), 4)
     # Execute
     with RunStore(store_path) as store, store.run("simulate", cfg.to_dict()) as run:
@@ -115,6 +117,31 @@ def test_client_with_spent_budget_stops_and_says_so(store_path):
     assert [d["reason"] for d in rounds[2]["info"]["dropped"]] == [
         "privacy budget spent: client stopped training"
     ] * 4
+
+
+def test_worst_case_calibration_lets_a_client_sampled_every_round_finish_within_budget(
+    store_path,
+):
+    # the default calibration plans for every round, whatever the fraction says: clients told
+    # fraction 0.34 but sampled in all 3 rounds train in all 3 and end at (not over) epsilon 2
+    def expects_sampling_rate_034(msg, ctx):
+        msg.content["config"]["federation.fraction"] = 0.34
+        return dpfl_train(msg, ctx)
+
+    cfg = cfg_with("privacy.target-epsilon=2.0", "federation.rounds=3")
+    assert cfg.federation.calibration == "worst-case"
+    grid = InProcessGrid(_wrapped(expects_sampling_rate_034), 4)
+    with RunStore(store_path) as store, store.run("simulate", cfg.to_dict()) as run:
+        result = run_rounds(grid, cfg, run)
+        rounds = store.rounds(run.run_id)
+        events = store.privacy_events(run.run_id)
+    assert [r["status"] for r in rounds] == ["completed"] * 3
+    assert all(not r["info"]["dropped"] for r in rounds)
+    for who, eps in result.epsilon.items():
+        mine = [e for e in events if e["participant"] == who]
+        phases = [Phase(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in mine]
+        assert eps == pytest.approx(compute_epsilon(phases, 1e-5), rel=1e-9)
+        assert 1.9 < eps <= 2.0  # calibrated for exactly these participations
 
 
 def _wrapped(fn):

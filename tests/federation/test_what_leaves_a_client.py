@@ -391,7 +391,9 @@ def test_a_fresh_client_process_stops_on_its_budget_in_time(store_path):
         msg.content["config"]["federation.fraction"] = 0.34
         return spy(msg, ctx)
 
-    cfg = cfg_with("privacy.target-epsilon=2.0", "federation.rounds=3")
+    cfg = cfg_with(
+        "privacy.target-epsilon=2.0", "federation.rounds=3", "federation.calibration='expected'"
+    )
     # Execute
     with RunStore(store_path) as store, store.run("simulate", cfg.to_dict()) as run:
         result = run_rounds(InProcessGrid(_app(thinks_rate_is_034), 4), cfg, run)

@@ -57,7 +57,10 @@ def test_central_check_calibrates_the_run_plan(monkeypatch):
 def _expected_client_plans(cfg) -> set[tuple[float, int]]:
     f = cfg.federation
     participation = f.clients_per_round / f.num_clients if f.clients_per_round else f.fraction
-    rounds = max(1, math.ceil(f.rounds * participation))
+    if f.calibration == "worst-case":  # every round
+        rounds = f.rounds
+    else:
+        rounds = max(1, math.ceil(f.rounds * participation))
     plans = set()
     for pid in range(f.num_clients):
         n = len(client_datasets(cfg, pid)[0])
@@ -74,8 +77,13 @@ def _expected_client_plans(cfg) -> set[tuple[float, int]]:
     [
         ["federation.local-steps=3", "federation.fraction=1.0"],
         ["federation.local-epochs=0.5", "federation.fraction=0.6"],
+        [
+            "federation.local-epochs=0.5",
+            "federation.fraction=0.6",
+            "federation.calibration='expected'",
+        ],
     ],
-    ids=["local-steps", "local-epochs"],
+    ids=["local-steps", "local-epochs", "expected-participation"],
 )
 def test_simulate_check_calibrates_every_clients_plan(monkeypatch, extra):
     cfg = load_config(
