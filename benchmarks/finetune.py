@@ -13,6 +13,12 @@ the ``bk`` backend, clipping, noise, the ledger event, the SGD step).
 * ``lora_bytes_ratio``: bytes a federated round moves per client with adapters only (the LoRA
   task's ``trainable_state``, what the server sends and a client returns) / with the full model
   (the ``lora.r = 0`` task's trainable state: every tensor).
+* ``fedsvd_server_seconds_per_round``: FedSVD's server step on MiniLM's LoRA state (3 replies
+  averaged, then every one of the 12 LoRA layers re-factorized by QR + r x r SVD), median of
+  repeats; ``fedsvd_naive_svd_seconds``: the same re-factorization by a full SVD of each
+  384 x 384 product ``B A`` (what the official code does), for comparison.
+* ``fedsvd_upload_bytes_ratio``: bytes a FedSVD client uploads (its reply: B and the head, the
+  strategy's ``ClientBehaviour``) / a LoRA-FedAvg client's (A, B and the head).
 
 Time: the arms live in one process and are interleaved step by step (order rotating), each
 ratio is median / median. Memory: each arm runs again in a fresh child; training memory is the
@@ -134,6 +140,58 @@ def bytes_ratio() -> tuple[int, int]:
     return nbytes(build(8)), nbytes(build(0))
 
 
+def fedsvd_figures(repeats: int) -> dict[str, float]:
+    """FedSVD's server step and upload on the MiniLM LoRA state (see the module docstring)."""
+    import statistics
+    import time
+
+    from dpfl.config import load_config
+    from dpfl.lora import lora_pairs
+    from dpfl.server.strategies import Reply, client_behaviour, create_strategy
+    from dpfl.tasks.text import TextClassification
+
+    state = TextClassification.trainable_state(None, build(8))
+    cfg = {s: load_config(None, [f"federation.strategy='{s}'", "privacy.enabled=false"])
+           for s in ("fedsvd", "lora-fedavg")}  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    state = {k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in state.items()}
+    keep = client_behaviour(cfg["fedsvd"]).reply(state)
+    replies = [
+        Reply(i, f"client-{i}", {k: v + 0.01 * torch.randn(v.shape, generator=g)
+              for k, v in keep.items()}, 1, {})  # fmt: skip
+        for i in range(3)
+    ]
+    strategy = create_strategy(cfg["fedsvd"])
+    pairs = lora_pairs(state)
+
+    def naive() -> None:  # the d_out x d_in product, fully decomposed
+        for a_key, b_key in pairs:
+            r = state[a_key].shape[0]
+            u, s_, vh = torch.linalg.svd(state[b_key] @ state[a_key], full_matrices=False)
+            _ = vh[:r], u[:, :r] * s_[:r]
+
+    times: dict[str, list[float]] = {"server": [], "naive": []}
+    for _ in range(repeats):
+        t = time.perf_counter()
+        strategy.aggregate(state, replies, 1)
+        times["server"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        naive()
+        times["naive"].append(time.perf_counter() - t)
+
+    def nbytes(st) -> int:
+        return sum(v.numel() * v.element_size() for v in st.values())
+
+    full_reply = client_behaviour(cfg["lora-fedavg"]).reply(state)
+    return {
+        "fedsvd_lora_layers": len(pairs),
+        "fedsvd_server_seconds_per_round": round(statistics.median(times["server"]), 5),
+        "fedsvd_naive_svd_seconds": round(statistics.median(times["naive"]), 5),
+        "fedsvd_upload_bytes_per_client": nbytes(keep),
+        "fedsvd_upload_bytes_ratio": round(nbytes(keep) / nbytes(full_reply), 4),
+    }
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="finish in under 90 s")
@@ -159,6 +217,7 @@ def main(argv=None) -> dict:
     result["lora_bytes_per_client"] = lora_bytes
     result["full_bytes_per_client"] = full_bytes
     result["lora_bytes_ratio"] = round(lora_bytes / full_bytes, 5)
+    result.update(fedsvd_figures(5 if args.quick else 20))
     result["threads"] = args.threads
     result["weights"] = "random-init"
     for k, v in result.items():

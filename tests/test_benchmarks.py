@@ -98,3 +98,10 @@ def test_finetune_benchmark_quick_prints_every_named_ratio():
     # bytes are exact, not timings: adapters + head are a small fraction of the 22.7 M weights
     assert figures["lora_bytes_per_client"] < figures["full_bytes_per_client"]
     assert 0 < figures["lora_bytes_ratio"] < 0.01
+    # FedSVD: 12 LoRA layers (query, value x 6); a reply without A: B (384 x 8 each) + head
+    assert figures["fedsvd_lora_layers"] == 12
+    b_and_head = 4 * (12 * 384 * 8 + 2 * 384 + 2)
+    assert figures["fedsvd_upload_bytes_per_client"] == b_and_head
+    lora_fedavg = b_and_head + 4 * 12 * 8 * 384
+    assert figures["fedsvd_upload_bytes_ratio"] == pytest.approx(b_and_head / lora_fedavg, abs=1e-4)
+    assert 0 < figures["fedsvd_server_seconds_per_round"] < 5

@@ -220,3 +220,37 @@ def test_non_private_uses_the_baselines_recipe_unless_set(tiny, tmp_path):  # no
     assert not a.privacy.enabled and a.optimizer.name == "adam" and a.optimizer.lr == 0.002
     assert a.data.batch_size == 32 and a.training.epochs == 1.0
     assert b.optimizer.lr == 0.01  # an explicit --set wins over the recipe
+
+
+def test_federated_finetune_with_fedsvd_uploads_only_b_and_exports_orthonormal_a(tiny, tmp_path):  # noqa: F811
+    store, out = tmp_path / "s.sqlite", tmp_path / "adapter"
+    r = finetune(
+        tiny, store, "--federated", "--clients", "3", "--rounds", "2", "--epsilon", "5",
+        "--set", "federation.strategy='fedsvd'", "--set", "federation.partition='iid'",
+        "--set", "optimizer.name='sgd'", "--set", "optimizer.lr=0.5",
+        "--output", str(out), "--json",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert all(e <= 5.0 for e in summary["epsilon_per_client"].values())
+    with RunStore(store) as s:
+        cfg = Config.from_dict(s.get_run(summary["run"])["config"])
+        rows = [m for m in s.metrics(summary["run"]) if m["name"] == "bytes-up"]
+    assert cfg.federation.strategy == "fedsvd"
+    from dpfl.tasks import get_task
+
+    task = get_task(cfg)
+    state = task.trainable_state(task.build_model(task.load_data()))
+    b_only = sum(v.numel() * v.element_size() for k, v in state.items() if "lora_A" not in k)
+    everything = sum(v.numel() * v.element_size() for v in state.values())
+    assert rows and all(m["value"] == 3 * b_only for m in rows)
+    assert summary["bytes_per_round"] == pytest.approx(3 * b_only + 3 * everything)
+    # the exported adapter's A came out of the last re-factorization: orthonormal rows
+    from safetensors.torch import load_file
+
+    weights = load_file(out / "adapter_model.safetensors")
+    a_keys = [k for k in weights if "lora_A" in k]
+    assert a_keys
+    for k in a_keys:
+        a = weights[k].double()
+        assert torch.allclose(a @ a.T, torch.eye(a.shape[0], dtype=torch.float64), atol=1e-5)
