@@ -157,8 +157,13 @@ def fedsvd_figures(repeats: int) -> dict[str, float]:
     state = {k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in state.items()}
     keep = client_behaviour(cfg["fedsvd"]).reply(state)
     replies = [
-        Reply(i, f"client-{i}", {k: v + 0.01 * torch.randn(v.shape, generator=g)
-              for k, v in keep.items()}, 1, {})  # fmt: skip
+        Reply(
+            i,
+            f"client-{i}",
+            {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in keep.items()},
+            1,
+            {},
+        )  # fmt: skip
         for i in range(3)
     ]
     strategy = create_strategy(cfg["fedsvd"])

@@ -203,7 +203,8 @@ def finetune(
         bool,
         typer.Option(
             "--federated",
-            help="LoRA-FedAvg on Flower: clients by movie, adapters exchanged, DP-SGD on each.",
+            help="LoRA-FedAvg on Flower (or --set federation.strategy=ffa-lora|fedsvd): "
+            "clients by movie, adapters exchanged, DP-SGD on each.",
         ),
     ] = False,
     clients: Annotated[

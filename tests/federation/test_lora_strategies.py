@@ -61,7 +61,7 @@ def test_refactorize_refuses_bad_factors():
         lora_pairs({"x.lora_B.default.weight": torch.zeros(2, 2)})
 
 
-def _tiny_model(tiny, *extra):
+def _tiny_model(tiny, *extra):  # noqa: F811
     cfg = load_config(None, text_sets(tiny, *extra))
     task = get_task(cfg)
     data = task.load_data()
@@ -69,7 +69,7 @@ def _tiny_model(tiny, *extra):
     return cfg, task, data, task.build_model(data)
 
 
-def test_refactorized_adapters_leave_the_model_function_unchanged(tiny):
+def test_refactorized_adapters_leave_the_model_function_unchanged(tiny):  # noqa: F811
     cfg, task, data, model = _tiny_model(tiny)
     state = task.trainable_state(model)
     g = torch.Generator().manual_seed(1)
@@ -97,7 +97,7 @@ FED = (
 )  # fmt: skip
 
 
-def test_each_strategy_declares_its_client_behaviour(tiny):
+def test_each_strategy_declares_its_client_behaviour(tiny):  # noqa: F811
     for name, frozen in [("lora-fedavg", False), ("ffa-lora", True), ("fedsvd", True)]:
         cfg = load_config(None, text_sets(tiny, f"federation.strategy='{name}'"))
         assert client_behaviour(cfg).freeze_lora_a is frozen
@@ -106,7 +106,7 @@ def test_each_strategy_declares_its_client_behaviour(tiny):
     assert client_behaviour(load_config(None, [])).proximal_mu == 0.0
 
 
-def test_under_fedsvd_a_client_never_moves_a_and_its_reply_holds_no_a(tiny, monkeypatch):
+def test_under_fedsvd_a_client_never_moves_a_and_its_reply_holds_no_a(tiny, monkeypatch):  # noqa: F811
     cfg, task, data, model = _tiny_model(tiny, *FED, "federation.strategy='fedsvd'")
     global_state = refactorize_state(task.trainable_state(model))  # A orthonormal, as sent
     trained_models = []
@@ -134,7 +134,7 @@ def test_under_fedsvd_a_client_never_moves_a_and_its_reply_holds_no_a(tiny, monk
     assert any(not torch.equal(other.arrays[k], global_state[k]) for k in a_keys)
 
 
-def test_fedsvd_server_step_is_the_mean_b_refactorized_against_the_sent_a(tiny):
+def test_fedsvd_server_step_is_the_mean_b_refactorized_against_the_sent_a(tiny):  # noqa: F811
     cfg, task, data, model = _tiny_model(tiny, "federation.strategy='fedsvd'")
     g = torch.Generator().manual_seed(3)
     global_state = {k: v + 0.1 * torch.randn(v.shape, generator=g)
@@ -143,8 +143,13 @@ def test_fedsvd_server_step_is_the_mean_b_refactorized_against_the_sent_a(tiny):
     keys = strategy.reply_reference(global_state, cfg)
     assert not any(".lora_A." in k for k in keys)
     replies = [
-        Reply(i, f"client-{i}", {k: global_state[k] + torch.randn(global_state[k].shape,
-              generator=g) for k in keys}, 1, {})  # fmt: skip
+        Reply(
+            i,
+            f"client-{i}",
+            {k: global_state[k] + torch.randn(global_state[k].shape, generator=g) for k in keys},
+            1,
+            {},
+        )  # fmt: skip
         for i in range(3)
     ]
     new = strategy.aggregate(global_state, replies, 1)
@@ -156,9 +161,7 @@ def test_fedsvd_server_step_is_the_mean_b_refactorized_against_the_sent_a(tiny):
         eye = new[a_key].double() @ new[a_key].double().T
         assert torch.allclose(eye, torch.eye(eye.shape[0], dtype=torch.float64), atol=1e-5)
     head = [k for k in keys if "lora_" not in k]
-    assert head and all(
-        torch.allclose(new[k], sum(r.arrays[k] for r in replies) / 3) for k in head
-    )
+    assert head and all(torch.allclose(new[k], sum(r.arrays[k] for r in replies) / 3) for k in head)
 
 
 def test_svd_period_and_warmup_choose_the_rounds():
@@ -178,7 +181,7 @@ def _simulate(cfg, store_path=None):
     return result, (events, final)
 
 
-def test_svd_period_zero_is_ffa_lora_bit_for_bit(tiny, tmp_path):
+def test_svd_period_zero_is_ffa_lora_bit_for_bit(tiny, tmp_path):  # noqa: F811
     _, (_, ffa) = _simulate(
         load_config(None, text_sets(tiny, *FED, "federation.strategy='ffa-lora'")),
         tmp_path / "a.sqlite",
@@ -200,7 +203,7 @@ def test_svd_period_zero_is_ffa_lora_bit_for_bit(tiny, tmp_path):
     assert any(not torch.equal(a[k], c[k]) for k in a)  # period 1 does change the run
 
 
-def test_fedsvd_clients_spend_what_the_accountant_says_and_upload_only_b(tiny, tmp_path):
+def test_fedsvd_clients_spend_what_the_accountant_says_and_upload_only_b(tiny, tmp_path):  # noqa: F811
     # fraction 0.5 of 4 clients for 4 rounds: the default (worst-case) calibration plans every
     # round, so a client sampled in every round still ends within epsilon 3
     cfg = load_config(None, text_sets(
@@ -229,7 +232,7 @@ def test_fedsvd_clients_spend_what_the_accountant_says_and_upload_only_b(tiny, t
         assert row["bytes-down"] > row["bytes-up"] / row["clients"]  # A and B go down
 
 
-def test_worst_case_calibration_survives_every_round(tiny):
+def test_worst_case_calibration_survives_every_round(tiny):  # noqa: F811
     # every client sampled in every round (fraction 1): exactly at the budget, never over it
     no_sigma = [x for x in FED if not x.startswith("privacy.noise-multiplier")]
     cfg = load_config(None, text_sets(tiny, *no_sigma, "federation.strategy='ffa-lora'",
@@ -239,7 +242,7 @@ def test_worst_case_calibration_survives_every_round(tiny):
     assert all(1.8 < e <= 2.0 for e in result.epsilon.values())
 
 
-def test_a_reply_that_smuggles_an_a_is_dropped(tiny):
+def test_a_reply_that_smuggles_an_a_is_dropped(tiny):  # noqa: F811
     from flwr.app import ArrayRecord
     from flwr.clientapp import ClientApp
 
@@ -263,7 +266,7 @@ def test_a_reply_that_smuggles_an_a_is_dropped(tiny):
     assert all(row["clients"] == 2 and row["dropped"] == 1 for row in result.history)
 
 
-def test_lora_strategies_need_lora_adapters(tiny):
+def test_lora_strategies_need_lora_adapters(tiny):  # noqa: F811
     with pytest.raises(ConfigError, match="trains LoRA adapters"):
         check_simulate(load_config(None, ["federation.strategy='fedsvd'", "data.name='digits'"]))
     with pytest.raises(ConfigError, match="trains LoRA adapters"):
