@@ -138,18 +138,34 @@ def make_step(variant: str, build, data, dataset, batch) -> Callable[[], None]:
 
 
 def time_interleaved(steps_by_variant: dict[str, Callable[[], None]], warmup: int, rounds: int):
+    """Median wall time of each variant's step, the variants interleaved (order rotating)."""
+    return time_interleaved_clocks(steps_by_variant, warmup, rounds)[0]
+
+
+def time_interleaved_clocks(
+    steps_by_variant: dict[str, Callable[[], None]], warmup: int, rounds: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """(median wall seconds, median process CPU seconds) of each variant's step, interleaved.
+    With one torch thread the CPU time is the step's own work: other processes on a loaded
+    machine slow the wall clock, much less the CPU clock (caches and memory bandwidth are
+    still shared)."""
     names = list(steps_by_variant)
     for _ in range(warmup):
         for n in names:
             steps_by_variant[n]()
-    samples: dict[str, list[float]] = {n: [] for n in names}
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             steps_by_variant[n]()
-            samples[n].append(time.perf_counter() - t0)
-    return {n: statistics.median(v) for n, v in samples.items()}
+            wall[n].append(time.perf_counter() - t0)
+            cpu[n].append(time.process_time() - c0)
+    return (
+        {n: statistics.median(v) for n, v in wall.items()},
+        {n: statistics.median(v) for n, v in cpu.items()},
+    )
 
 
 # -- memory in a child process -------------------------------------------------------------------

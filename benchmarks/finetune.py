@@ -21,7 +21,9 @@ the ``bk`` backend, clipping, noise, the ledger event, the SGD step).
   strategy's ``ClientBehaviour``) / a LoRA-FedAvg client's (A, B and the head).
 
 Time: the arms live in one process and are interleaved step by step (order rotating), each
-ratio is median / median. Memory: each arm runs again in a fresh child; training memory is the
+ratio is median / median, of wall time (``*_time_ratio``) and of the process's CPU time
+(``*_cpu_time_ratio``: with one thread, the step's own work, much less disturbed by other jobs on
+a loaded machine). Memory: each arm runs again in a fresh child; training memory is the
 peak RSS over the steps minus the RSS before the first step (VmHWM reset through
 /proc/self/clear_refs), as in benchmarks/dp_overhead.py. One torch thread by default. The last
 line is one JSON object; ``--quick`` finishes in under 90 s on 2 cores.
@@ -39,7 +41,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dp_overhead import _vm, time_interleaved  # noqa: E402
+from dp_overhead import _vm, time_interleaved_clocks  # noqa: E402
 
 ARMS = ("lora-plain", "lora-dp", "full-plain", "full-dp")
 BATCH, SEQ = 32, 64
@@ -211,8 +213,9 @@ def main(argv=None) -> dict:
     result: dict[str, object] = {}
     for kind in ("lora", "full"):
         steps = {a: make_step(a) for a in ARMS if a.startswith(kind)}
-        med = time_interleaved(steps, warmup=1, rounds=3 if args.quick else 10)
+        med, cpu = time_interleaved_clocks(steps, warmup=1, rounds=3 if args.quick else 10)
         result[f"{kind}_time_ratio"] = round(med[f"{kind}-dp"] / med[f"{kind}-plain"], 3)
+        result[f"{kind}_cpu_time_ratio"] = round(cpu[f"{kind}-dp"] / cpu[f"{kind}-plain"], 3)
         result[f"{kind}_plain_step_s"] = round(med[f"{kind}-plain"], 3)
         del steps
     mem = memory(("full-plain", "full-dp"), steps=2 if args.quick else 4)

@@ -137,6 +137,26 @@ def queue() -> list[tuple[str, str, str, int]]:
     ]
 
 
+def _claim_next() -> tuple[str, str, str, int] | None:
+    """The first queued run neither done nor claimed by another --queue worker (claims in
+    .claims.json; delete it to re-run what a killed worker had claimed)."""
+    import fcntl
+
+    claims_path = HERE / ".claims.json"
+    with open(HERE / ".runs.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        claims = (
+            [tuple(c) for c in json.loads(claims_path.read_text())] if claims_path.exists() else []
+        )
+        done = {(r["strategy"], r["setting"], r["partition"], r["seed"])
+                for r in _runs() if not r.get("overrides")}  # fmt: skip
+        for job in queue():
+            if job not in done and job not in claims:
+                claims_path.write_text(json.dumps([*claims, job]))
+                return job
+    return None
+
+
 def table() -> None:
     results = write_results(_runs())
     print("| partition | setting | " + " | ".join(STRATEGIES) + " |")
@@ -162,7 +182,6 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--set", action="append", default=[], help="extra overrides (probes)")
     parser.add_argument("--queue", action="store_true", help="run every missing run in order")
-    parser.add_argument("--worker", default="0/1", help="with --queue: this worker's share k/n")
     parser.add_argument("--table", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -170,12 +189,8 @@ def main() -> None:
         table()
         return
     if args.queue:
-        k, n = (int(x) for x in args.worker.split("/"))
-        for i, job in enumerate(queue()):
-            done = {(r["strategy"], r["setting"], r["partition"], r["seed"])
-                    for r in _runs() if not r.get("overrides")}  # fmt: skip
-            if i % n == k and job not in done:
-                run_one(*job)
+        while (job := _claim_next()) is not None:
+            run_one(*job)
         return
     if args.strategy is None or args.setting is None:
         parser.error("--strategy and --setting are required (or --queue / --table)")
