@@ -147,6 +147,8 @@ def _sets(
     if epochs is not None:
         key = "federation.local-epochs" if federated else "training.epochs"
         out.append(f"{key}={epochs!r}")
+    if federated:  # the central recipe's lr schedule: clients train at a constant lr
+        out.append("optimizer.schedule='constant'")
     if clients is not None:
         out.append(f"federation.num-clients={clients}")
     if rounds is not None:

@@ -29,15 +29,17 @@ DEFAULTS = HERE.parent.parent / "dpfl" / "defaults" / "finetune-text.toml"
 SETTINGS = {
     "nonprivate": [
         "privacy.enabled=false", "optimizer.name='adam'", "optimizer.lr=0.002",
-        "data.batch-size=32", "training.epochs=1.0",
+        "optimizer.schedule='cosine'", "data.batch-size=32", "training.epochs=1.0",
     ],
     "eps8": [
         "privacy.target-epsilon=8.0", "optimizer.name='sgd'", "optimizer.lr=0.5",
-        "optimizer.momentum=0.9", "data.batch-size=256", "training.epochs=2.0",
+        "optimizer.momentum=0.9", "optimizer.schedule='cosine'", "data.batch-size=256",
+        "training.epochs=2.0",
     ],
     "eps3": [
         "privacy.target-epsilon=3.0", "optimizer.name='sgd'", "optimizer.lr=0.5",
-        "optimizer.momentum=0.9", "data.batch-size=256", "training.epochs=2.0",
+        "optimizer.momentum=0.9", "optimizer.schedule='cosine'", "data.batch-size=256",
+        "training.epochs=2.0",
     ],
 }  # fmt: skip
 

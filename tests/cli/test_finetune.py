@@ -44,6 +44,7 @@ def test_flags_become_config_keys_and_the_run_is_a_finetune_run(tiny, tmp_path):
     assert row["kind"] == "finetune" and cfg.task == "text-classification"
     assert cfg.lora.r == 3 and cfg.privacy.target_epsilon == 40 and cfg.training.epochs == 8
     assert cfg.model.name == "hf" and cfg.data.name == "csv"
+    assert cfg.optimizer.schedule == "cosine"  # the embedded central recipe
     assert summary["epsilon"] <= 40 and len(events) == summary["steps"]
     assert summary["tokens_per_second"] > 0 and summary["trainable_parameters"] > 0
 
@@ -237,6 +238,7 @@ def test_federated_finetune_with_fedsvd_uploads_only_b_and_exports_orthonormal_a
         cfg = Config.from_dict(s.get_run(summary["run"])["config"])
         rows = [m for m in s.metrics(summary["run"]) if m["name"] == "bytes-up"]
     assert cfg.federation.strategy == "fedsvd"
+    assert cfg.optimizer.schedule == "constant"  # clients: no central lr schedule
     from dpfl.tasks import get_task
 
     task = get_task(cfg)

@@ -37,8 +37,10 @@ from dpfl.clients import federated
 from dpfl.clients.client_app import train as dpfl_train
 from dpfl.clients.federated import client_datasets, run_client_round
 from dpfl.config import load_config
+from dpfl.errors import ConfigError
 from dpfl.federation_messages import PRIVACY_REPORT_METRICS
 from dpfl.lora import refactorize_state
+from dpfl.preflight import check_simulate
 from dpfl.privacy import make_private
 from dpfl.server.loop import load_checkpoint, run_rounds
 from dpfl.server.strategies import client_behaviour
@@ -52,7 +54,7 @@ A_MARK, B_MARK = ".lora_A.", ".lora_B."
 FROZEN_A = ("ffa-lora", "fedsvd")
 
 
-def _cfg(tiny, strategy, *extra):
+def _cfg(tiny, strategy, *extra):  # noqa: F811
     return load_config(None, text_sets(tiny, f"federation.strategy='{strategy}'", *extra))
 
 
@@ -143,7 +145,7 @@ def _norm(d):
     "strategy,mode",
     [("fedsvd", "bk"), ("ffa-lora", "bk"), ("fedsvd", "hooks"), ("lora-fedavg", "bk")],
 )
-def test_released_clipped_sum_is_the_brute_force_one_and_a_never_moves(tiny, strategy, mode):
+def test_released_clipped_sum_is_the_brute_force_one_and_a_never_moves(tiny, strategy, mode):  # noqa: F811
     cfg = _cfg(tiny, strategy, "data.batch-size=16", "optimizer.lr=0.5")
     task, data, model = _setup(cfg)
     sent = _sent_state(task, model)
@@ -186,9 +188,7 @@ def test_released_clipped_sum_is_the_brute_force_one_and_a_never_moves(tiny, str
 
 
 @pytest.mark.parametrize("strategy", FROZEN_A)
-def test_a_is_frozen_before_the_solver_and_the_private_step_see_the_model(
-    tiny, strategy, monkeypatch
-):
+def test_a_is_frozen_before_the_solver_and_private_step_exist(tiny, strategy, monkeypatch):  # noqa: F811
     """Inside run_client_round (DP on, noise on): when make_private is called, no A requires a
     gradient and the solver holds no A; after the round the trained model's A is the sent A."""
     cfg = _cfg(
@@ -247,7 +247,7 @@ DP_FED = (
 
 
 @pytest.mark.parametrize("strategy", ["fedsvd", "ffa-lora", "lora-fedavg"])
-def test_a_dp_reply_holds_the_reference_tensors_and_only_the_privacy_report(tiny, strategy):
+def test_a_dp_reply_holds_the_reference_tensors_and_only_the_privacy_report(tiny, strategy):  # noqa: F811
     cfg = _cfg(tiny, strategy, *DP_FED, "federation.rounds=1")
     log = []
     result = run_rounds(InProcessGrid(_recording_app(log), 3), cfg)
@@ -312,9 +312,7 @@ def _missing_b(state, sent):
         (_missing_b, "wrong keys"),
     ],
 )
-def test_fedsvd_server_drops_a_bad_reply_and_refactorizes_the_mean_of_the_good_ones(
-    tiny, tmp_path, corrupt, reason
-):
+def test_fedsvd_server_drops_bad_replies_and_refactorizes_the_good(tiny, tmp_path, corrupt, reason):  # noqa: F811
     cfg = _cfg(tiny, "fedsvd", *DP_FED, "federation.rounds=2")
     log = []
     grid = InProcessGrid(_recording_app(log, corrupt), 3)
@@ -371,7 +369,7 @@ def _opacus_epsilon(sigma, q, steps, delta):
     return acc.get_epsilon(delta)
 
 
-def test_worst_case_calibration_plans_every_round_and_opacus_agrees(tiny):
+def test_worst_case_calibration_plans_every_round_and_opacus_agrees(tiny):  # noqa: F811
     rounds, local, eps, delta, fraction = 4, 2, 3.0, 1e-5, 0.5
     worst = _cfg(tiny, "fedsvd", *CAL)
     assert worst.federation.calibration == "worst-case"  # the default
@@ -399,7 +397,7 @@ def test_worst_case_calibration_plans_every_round_and_opacus_agrees(tiny):
     assert other.metrics["noise-multiplier"] == sigma_expected
 
 
-def test_a_client_sampled_every_round_stays_within_budget_only_under_worst_case(tiny):
+def test_a_client_sampled_every_round_stays_within_budget_only_under_worst_case(tiny):  # noqa: F811
     eps, delta = 3.0, 1e-5
     outcomes = {}
     for plan in ("worst-case", "expected"):
@@ -419,3 +417,31 @@ def test_a_client_sampled_every_round_stays_within_budget_only_under_worst_case(
     assert statuses == ["trained"] * 4 and steps == 8 and spent <= eps
     statuses, steps, spent = outcomes["expected"]
     assert "budget-exhausted" in statuses and steps < 8 and spent <= eps
+
+
+# -- found: an Embedding layer's LoRA A is not frozen ---------------------------------------------
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: peft names an Embedding adapter's factors lora_embedding_A / lora_embedding_B; "
+    "is_lora_a / lora_pairs only match '.lora_A.', so under ffa-lora / fedsvd that A trains, is "
+    "sent and averaged, and fedsvd never re-factorizes that layer (peft inits that A at 0, so "
+    "refusing Embedding targets for these strategies in preflight may be the better fix)",
+)
+@pytest.mark.parametrize("strategy", FROZEN_A)
+def test_every_lora_a_is_frozen_also_an_embedding_adapters(tiny, strategy):  # noqa: F811
+    cfg = _cfg(
+        tiny, strategy, "privacy.enabled=false", "data.batch-size=16", "optimizer.lr=0.5",
+        "federation.num-clients=3", "federation.local-steps=2",
+        "lora.target-modules='word_embeddings,query'",
+    )  # fmt: skip
+    task, _, model = _setup(cfg)
+    sent = task.trainable_state(model)
+    a_keys = {k for k in sent if "lora_A" in k or "lora_embedding_A" in k}
+    assert any("lora_embedding_A" in k for k in a_keys)  # peft's name for an Embedding's A
+    try:
+        check_simulate(cfg)
+    except ConfigError:
+        return  # refused up front: also a fix
+    result = run_client_round(cfg, 0, sent, 1, {})
+    assert result.status == "trained"
+    assert not a_keys & set(result.arrays)
