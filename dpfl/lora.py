@@ -19,14 +19,24 @@ from collections.abc import Mapping
 
 import torch
 
-__all__ = ["is_lora_a", "lora_pairs", "refactorize", "refactorize_state"]
+__all__ = ["embedding_adapters", "is_lora_a", "lora_pairs", "refactorize", "refactorize_state"]
 
 _A, _B = ".lora_A.", ".lora_B."
 
 
+_EMBEDDING = ".lora_embedding_"
+
+
 def is_lora_a(name: str) -> bool:
-    """Whether a parameter name is a LoRA A matrix (peft naming)."""
-    return _A in name
+    """Whether a parameter name is a LoRA A matrix (peft naming; an Embedding layer's A is
+    ``lora_embedding_A``)."""
+    return _A in name or f"{_EMBEDDING}A" in name
+
+
+def embedding_adapters(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """The Embedding layers' LoRA tensors (peft: ``lora_embedding_A`` / ``_B``, A at 0 and B
+    random at init, the reverse of a Linear layer's)."""
+    return sorted(k for k in state if _EMBEDDING in k)
 
 
 def lora_pairs(state: Mapping[str, torch.Tensor]) -> list[tuple[str, str]]:

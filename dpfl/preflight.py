@@ -99,11 +99,24 @@ def _check_model(cfg: Config, task, data, private: bool):
 def _check_lora_strategy(cfg: Config, task, model) -> None:
     """lora-fedavg / ffa-lora / fedsvd train LoRA adapters: the model must have them, and
     fedsvd's A must be able to hold r orthonormal rows."""
-    from dpfl.lora import lora_pairs
+    from dpfl.lora import embedding_adapters, lora_pairs
 
     strategy = cfg.federation.strategy
     state = task.trainable_state(model)
     pairs = lora_pairs(state) if cfg.task != "image-classification" else []
+    embedded = embedding_adapters(state)
+    if strategy in ("ffa-lora", "fedsvd") and embedded:
+        # peft starts an Embedding adapter's A at 0: frozen, the adapter could never move
+        raise ConfigError(
+            f"federation.strategy={strategy!r} freezes every LoRA A, and peft starts an "
+            f"Embedding layer's A at zero ({embedded[0]}): that adapter would never train; "
+            "leave embedding layers out of lora.target-modules"
+        )
+    if strategy == "fedsvd" and cfg.optimizer.local_state == "persist":
+        raise ConfigError(
+            "fedsvd re-factorizes B every round, so a client's kept solver state (momentum) "
+            "would point along the old factors: use optimizer.local-state='reset'"
+        )
     if not pairs:
         raise ConfigError(
             f"federation.strategy={strategy!r} trains LoRA adapters, and this model has none "

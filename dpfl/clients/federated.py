@@ -304,7 +304,9 @@ def _sample_level(
     )
     ledger = _history_ledger(cfg, who, history)
     local = _local_steps(cfg, len(train))
-    sigma = state.get("sigma") or (history[0].noise_multiplier if history else None)
+    sigma = state.get("sigma")
+    if sigma is None and history:
+        sigma = history[0].noise_multiplier
     if sigma is None:
         if cfg.privacy.noise_multiplier is not None:
             sigma = cfg.privacy.noise_multiplier

@@ -280,3 +280,10 @@ def test_lora_strategies_need_lora_adapters(tiny):  # noqa: F811
     assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "LoRA" in r.stderr
     r = CliRunner().invoke(app, ["simulate", "--set", "federation.strategy='fedsdv'"])
     assert r.exit_code == 2 and "fedsvd" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_fedsvd_refuses_a_kept_solver_state(tiny):  # noqa: F811
+    sets = text_sets(tiny, "federation.strategy='fedsvd'", "federation.num-clients=2")
+    cfg = load_config(None, [*sets, "optimizer.local-state='persist'"])
+    with pytest.raises(ConfigError, match="local-state='reset'"):
+        check_simulate(cfg)
