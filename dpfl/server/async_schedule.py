@@ -45,7 +45,9 @@ def client_times(scenario: str, num_clients: int) -> list[float]:
     try:
         x = _exact(scenario[2:])
     except (ValueError, ZeroDivisionError):
-        raise ValueError(f"client-speed scenario must be F-X with X a number, got {scenario!r}")
+        raise ValueError(
+            f"client-speed scenario must be F-X with X a number, got {scenario!r}"
+        ) from None
     if not 0 <= x < 100:
         raise ValueError(f"{scenario}: X must be in [0, 100) (a client needs some time)")
     if num_clients < 1:
