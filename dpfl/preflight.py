@@ -49,13 +49,10 @@ def _refuse_unused(cfg: Config, command: str, explicit: set[str]) -> None:
         raise ConfigError(
             "data.max-records is for the text tasks; image data sets are used whole: remove it"
         )
-    if command == "simulate" and (
-        cfg.optimizer.schedule != "constant" or cfg.optimizer.warmup_steps
-    ):
-        raise ConfigError(
-            "optimizer.schedule / optimizer.warmup-steps shape centralized training (dpfl train, "
-            "dpfl finetune); a federation's clients train at a constant optimizer.lr: remove them"
-        )
+    if command == "simulate":
+        from dpfl.optim.schedule import refuse_in_federation
+
+        refuse_in_federation(cfg.optimizer)
     if not cfg.privacy.enabled:
         ignored = sorted(k for k in explicit if k.startswith("privacy.") and k != "privacy.enabled")
         if ignored:
@@ -103,7 +100,7 @@ def _check_lora_strategy(cfg: Config, task, model) -> None:
 
     strategy = cfg.federation.strategy
     state = task.trainable_state(model)
-    pairs = lora_pairs(state) if cfg.task != "image-classification" else []
+    pairs = lora_pairs(state)
     embedded = embedding_adapters(state)
     if strategy in ("ffa-lora", "fedsvd") and embedded:
         # peft starts an Embedding adapter's A at 0: frozen, the adapter could never move

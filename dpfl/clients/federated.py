@@ -54,6 +54,7 @@ from dpfl.data.partition import partition_indices, train_test_split_indices
 from dpfl.device import resolve_device
 from dpfl.errors import ConfigError
 from dpfl.optim import create_optimizer
+from dpfl.optim.schedule import refuse_in_federation
 from dpfl.privacy import make_private
 from dpfl.server.aggregation import flat_clip, subtract
 from dpfl.server.strategies import client_behaviour
@@ -192,11 +193,7 @@ def _optimizer(
 ) -> torch.optim.Optimizer:
     # under user-level DP the local solver trains without noise (the server adds it)
     private = cfg.privacy.enabled and cfg.privacy.level == "sample"
-    if cfg.optimizer.schedule != "constant" or cfg.optimizer.warmup_steps:
-        raise ConfigError(
-            "optimizer.schedule / optimizer.warmup-steps are for centralized training; "
-            "federated clients train at a constant optimizer.lr"
-        )
+    refuse_in_federation(cfg.optimizer)  # also where no pre-run check ran (Deployment Engine)
     opt = create_optimizer(cfg.optimizer, model, private=private)
     if saved is not None and cfg.optimizer.local_state == "persist":
         opt.load_state_dict(torch.load(io.BytesIO(saved), weights_only=False))

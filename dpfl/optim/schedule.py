@@ -11,9 +11,21 @@ import math
 
 import torch
 
-__all__ = ["SCHEDULES", "LRSchedule", "lr_factor"]
+from dpfl.errors import ConfigError
+
+__all__ = ["SCHEDULES", "LRSchedule", "lr_factor", "refuse_in_federation"]
 
 SCHEDULES = ("constant", "cosine", "linear")
+
+
+def refuse_in_federation(optimizer_cfg) -> None:
+    """A federation's clients train at a constant rate (each round is a fresh local run): a
+    schedule or warm-up is refused, in the pre-run check and in the client alike."""
+    if optimizer_cfg.schedule != "constant" or optimizer_cfg.warmup_steps:
+        raise ConfigError(
+            "optimizer.schedule / optimizer.warmup-steps shape centralized training (dpfl train, "
+            "dpfl finetune); a federation's clients train at a constant optimizer.lr: remove them"
+        )
 
 
 def lr_factor(schedule: str, step: int, planned: int, warmup: int = 0) -> float:

@@ -107,32 +107,32 @@ def schedule(
         raise ValueError(f"policy must be 'weight' or 'identical', got {policy!r}")
     if scheme == "sync":
         events = _sync(tau, end)
-        return _finish(events, lambda i, _: p[i])
+        return _finish(events, lambda i: p[i])
     if scheme == "fedfix":
         if dt is None or _exact(dt) <= 0:
             raise ValueError(f"fedfix needs a window dt > 0, got {dt}")
         window = _exact(dt)
         events = _fedfix(tau, end, window)
-        return _finish(events, lambda i, _: math.ceil(tau[i] / window) * p[i])
+        return _finish(events, lambda i: math.ceil(tau[i] / window) * p[i])
     if scheme == "fedasync":
         events = _buffered(tau, end, 1)
         total = sum(1 / t for t in tau)
         if policy == "identical":
-            return _finish(events, lambda i, _: 1.0)
-        return _finish(events, lambda i, _: float(total * tau[i]) * p[i])
+            return _finish(events, lambda i: 1.0)
+        return _finish(events, lambda i: float(total * tau[i]) * p[i])
     if scheme == "fedbuff":
         if buffer is None or not 1 <= buffer <= m:
             raise ValueError(f"fedbuff needs a buffer c in [1, {m}], got {buffer}")
         events = _buffered(tau, end, buffer)
         if policy == "identical":
-            return _finish(events, lambda i, _: 1.0 / buffer)
+            return _finish(events, lambda i: 1.0 / buffer)
         counts = [0] * m
         for _, members, _ in events:
             for i in members:
                 counts[i] += 1
         n = len(events)
         # a client in no aggregation gets no weight (it never contributes)
-        return _finish(events, lambda i, _: p[i] / (counts[i] / n) if counts[i] else 0.0)
+        return _finish(events, lambda i: p[i] / (counts[i] / n) if counts[i] else 0.0)
     raise ValueError(f"unknown scheme {scheme!r}; one of {', '.join(SCHEMES)}")
 
 
@@ -184,7 +184,7 @@ def _finish(events: list[_Event], weight) -> list[Aggregation]:
             index=n,
             time=float(t),
             participants=tuple(members),
-            weights=tuple(float(weight(i, n)) for i in members),
+            weights=tuple(float(weight(i)) for i in members),
             sent_versions=tuple(versions),
         )
         for n, (t, members, versions) in enumerate(events, start=1)

@@ -219,11 +219,6 @@ def test_fedsvd_clients_spend_what_the_accountant_says_and_upload_only_b(tiny, t
         phases = [Phase(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in mine]
         assert eps == pytest.approx(compute_epsilon(phases, 1e-5), rel=1e-9)
         assert eps <= 3.0
-    # a client sampled in all 4 rounds (found in the events) still ends within its budget
-    counts = {who: len({e["round"] for e in events if e["participant"] == who})
-              for who in result.epsilon}  # fmt: skip
-    if max(counts.values()) == 4:
-        assert result.epsilon[max(counts, key=counts.get)] <= 3.0
     task = get_task(cfg)
     state = task.trainable_state(task.build_model(task.load_data()))
     b_only = sum(v.numel() * 4 for k, v in state.items() if ".lora_A." not in k)
