@@ -526,6 +526,47 @@ class FederationConfig(_Section):
     trim_fraction: float = _opt(
         0.1, doc="trimmed-mean: fraction cut at each end", allowed="[0, 0.5)"
     )
+    mode: str = _opt(
+        "sync",
+        choices=("sync", "async"),
+        doc="sync: rounds of sampled clients; async: every idle client is sent the current "
+        "model and replies are applied as they arrive (dpfl.server.async_loop)",
+    )
+    async_scheme: str = _opt(
+        "fedfix",
+        choices=("fedfix", "fedbuff", "fedasync", "sync"),
+        doc="async: when to aggregate (fedfix: every async-window; fedbuff: every async-buffer "
+        "returns; fedasync: every return; sync: FedAvg on the same clock, the reference)",
+    )
+    async_window: float = _opt(0.5, check=positive, doc="async fedfix: the window dt")
+    async_buffer: int = _opt(5, check=at_least(1), doc="async fedbuff: returns per aggregation c")
+    async_weights: str = _opt(
+        "weight",
+        choices=("weight", "identical"),
+        doc="async fedasync/fedbuff weights d_i: weight (re-weighted to the federated objective) "
+        "or identical (1, or 1/c for fedbuff)",
+    )
+    horizon: float = _opt(
+        20.0,
+        check=positive,
+        doc="async: the run's length in simulated time (virtual clock) or seconds (real clock)",
+    )
+    client_speeds: str = _opt(
+        "F-0",
+        doc="async: each client's time per local round: F-X (client 0 takes 1, the last X % "
+        "less) or one comma-separated time per client",
+    )
+    clock: str = _opt(
+        "virtual",
+        choices=("virtual", "real"),
+        doc="async: virtual (simulated time from client-speeds, reproducible bit for bit) or "
+        "real (replies in their arrival order, e.g. on the Deployment Engine)",
+    )
+    eval_interval: float = _opt(
+        0.0,
+        check=non_negative,
+        doc="async: evaluate (and checkpoint) once per this much time; 0: every aggregation",
+    )
     backend: str = _opt("inprocess", choices=("inprocess", "ray"), doc="simulation engine")
     reply_timeout: float | None = _opt(None, check=positive, doc="seconds to wait for replies")
     client_diagnostics: bool = _opt(
@@ -542,11 +583,28 @@ class FederationConfig(_Section):
             raise ConfigError(
                 f"federation.trim-fraction must be in [0, 0.5), got {self.trim_fraction!r}"
             )
+        if self.mode == "async":
+            self._validate_async()
         if self.clients_per_round is not None and self.clients_per_round > self.num_clients:
             raise ConfigError(
                 f"federation.clients-per-round ({self.clients_per_round}) exceeds "
                 f"federation.num-clients ({self.num_clients})"
             )
+
+    def _validate_async(self) -> None:
+        from dpfl.server.async_schedule import parse_speeds
+
+        if self.fraction != 1.0 or self.clients_per_round is not None:
+            raise ConfigError(
+                "federation.fraction / clients-per-round sample clients per round in sync mode; "
+                "in async mode every idle client is sent the model: remove them"
+            )
+        if self.async_scheme == "fedbuff" and self.async_buffer > self.num_clients:
+            raise ConfigError(
+                f"federation.async-buffer ({self.async_buffer}) exceeds federation.num-clients "
+                f"({self.num_clients}): fedbuff would wait forever"
+            )
+        parse_speeds(self.client_speeds, self.num_clients)  # ConfigError when malformed
 
 
 @dataclass(frozen=True)

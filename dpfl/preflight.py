@@ -53,6 +53,7 @@ def _refuse_unused(cfg: Config, command: str, explicit: set[str]) -> None:
         from dpfl.optim.schedule import refuse_in_federation
 
         refuse_in_federation(cfg.optimizer)
+        _refuse_other_mode(cfg, explicit)
     if not cfg.privacy.enabled:
         ignored = sorted(k for k in explicit if k.startswith("privacy.") and k != "privacy.enabled")
         if ignored:
@@ -60,6 +61,26 @@ def _refuse_unused(cfg: Config, command: str, explicit: set[str]) -> None:
                 f"{', '.join(ignored)} set while privacy is disabled (--non-private / "
                 "privacy.enabled=false): choose one"
             )
+
+
+#: federation keys that only one mode reads
+ASYNC_KEYS = tuple(
+    f"federation.{k}"
+    for k in ("async-scheme", "async-window", "async-buffer", "async-weights", "horizon",
+              "client-speeds", "clock", "eval-interval")
+)  # fmt: skip
+SYNC_KEYS = ("federation.rounds", "federation.calibration")
+
+
+def _refuse_other_mode(cfg: Config, explicit: set[str]) -> None:
+    mode = cfg.federation.mode
+    unused = sorted(explicit & set(SYNC_KEYS if mode == "async" else ASYNC_KEYS))
+    if unused:
+        other = "sync" if mode == "async" else "async"
+        raise ConfigError(
+            f"{', '.join(unused)}: read only in federation.mode='{other}', and this run is "
+            f"{mode}: remove them or set federation.mode='{other}'"
+        )
 
 
 def _calibrate(cfg: Config, sample_rate: float, steps: int, who: str) -> None:
@@ -191,20 +212,38 @@ def check_simulate(cfg: Config, explicit: set[str] = frozenset()) -> None:  # ty
             f"data.batch-size ({cfg.data.batch_size}) exceeds every client's training records "
             f"(largest client: {max(sizes)}; the sample rate would be 1): lower it"
         )
-    _check_steps(
-        f.rounds * max(_local_steps(cfg, n) for n in sizes), "federation.rounds x local steps"
-    )
+    if f.mode == "async":
+        from dpfl.server.async_loop import check_async
+        from dpfl.server.async_schedule import participations, plan
+
+        check_async(cfg)
+        most = max(participations(plan(cfg), f.num_clients))
+        if most == 0:
+            raise ConfigError(
+                f"no client returns within federation.horizon={f.horizon:g} (the slowest "
+                "client needs longer than that): lengthen the horizon"
+            )
+        _check_steps(
+            most * max(_local_steps(cfg, n) for n in sizes), "async local rounds x local steps"
+        )
+    else:
+        _check_steps(
+            f.rounds * max(_local_steps(cfg, n) for n in sizes), "federation.rounds x local steps"
+        )
     model = _check_model(cfg, task, data, p.enabled and p.level == "sample")
     if f.strategy in LORA_STRATEGIES:
         _check_lora_strategy(cfg, task, model)
     if not (p.enabled and p.target_epsilon is not None):
+        return
+    if p.level == "user" and f.mode == "async":
+        _calibrate(cfg, 1.0, most, "the busiest client of DP-FedBuff (no subsampling)")
         return
     if p.level == "user":
         _calibrate(cfg, f.fraction, f.rounds, "the server (user-level DP-FedAvg)")
         return
     seen: set[tuple[float, int]] = set()
     for pid, n in enumerate(sizes):  # what each client will calibrate at its first round
-        plan = calibration_plan(cfg, n)
+        plan = calibration_plan(cfg, n, pid)
         if plan not in seen:
             seen.add(plan)
             _calibrate(cfg, plan[0], plan[1], f"client {pid} ({n} records)")

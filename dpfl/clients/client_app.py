@@ -3,13 +3,16 @@
 All the work is :func:`dpfl.clients.federated.run_client_round` (Flower-free). The client's
 persistent state (privacy history, fixed noise multiplier) lives in ``context.state``, so one
 accountant covers the whole run. The partition comes from the node config (``partition-id``),
-as Flower's simulation and ``flower-supernode --node-config`` set it.
+as Flower's simulation and ``flower-supernode --node-config`` set it; ``delay-seconds`` in the
+node config makes the node reply that much later (an emulated slow device, for asynchronous
+federations).
 """
 
 from __future__ import annotations
 
 import json
 import secrets
+import time
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -26,7 +29,7 @@ from dpfl.federation_messages import (
     split_config,
 )
 
-__all__ = ["TRUSTED_SIMULATION", "app", "simulation_app"]
+__all__ = ["DELAY_KEY", "TRUSTED_SIMULATION", "app", "simulation_app"]
 
 app = ClientApp()
 
@@ -48,6 +51,9 @@ _STATE_KEY = "dpfl"
 #: node-config flag set by dpfl's simulation engines, where server and clients share one trust
 #: domain: the clients' randomness then follows the run seed (reproducible runs)
 TRUSTED_SIMULATION = "dpfl-trusted-simulation"
+#: node-config key: seconds this node waits after its local round before it replies, to emulate
+#: a slower device (``flower-supernode --node-config "partition-id=0 delay-seconds=5"``)
+DELAY_KEY = "delay-seconds"
 _OPTIM_KEY = "dpfl-optimizer"  # the local solver's state, with optimizer.local-state = "persist"
 
 
@@ -76,6 +82,9 @@ def train(msg: Message, context: Context) -> Message:
         server_history=history,
         optimizer_state=None if saved is None else bytes(saved["blob"]),
     )
+    delay = float(context.node_config.get(DELAY_KEY, 0.0))
+    if delay > 0:  # an emulated slow node (async federations on the Deployment Engine)
+        time.sleep(delay)
     context.state.config_records[_STATE_KEY] = ConfigRecord({"json": json.dumps(state)})
     if result.optimizer_state is not None:
         context.state.config_records[_OPTIM_KEY] = ConfigRecord({"blob": result.optimizer_state})

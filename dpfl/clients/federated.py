@@ -150,21 +150,31 @@ def _local_steps(cfg: Config, n_train: int) -> int:
     return min(steps, cfg.federation.local_steps) if cfg.federation.local_steps else steps
 
 
-def calibration_plan(cfg: Config, n_train: int) -> tuple[float, int]:
-    """(sample rate, steps) a client with ``n_train`` records calibrates its noise for at its
-    first round under a target epsilon: its participations times its local steps, the
-    participations being every round (``federation.calibration = "worst-case"``, the default:
-    a client sampled in every round still ends within its budget) or the expected
+def calibration_plan(cfg: Config, n_train: int, partition_id: int) -> tuple[float, int]:
+    """(sample rate, steps) client ``partition_id`` with ``n_train`` records calibrates its
+    noise for at its first round under a target epsilon: its participations times its local
+    steps. Sync mode: every round (``federation.calibration = "worst-case"``, the default: a
+    client sampled in every round still ends within its budget) or the expected
     ``ceil(rounds x fraction)`` (``"expected"``: less noise, and a client sampled more often
-    stops on its budget). ``dpfl simulate`` checks every client's plan with this before the run
-    starts."""
+    stops on its budget). Async mode: the client's participations in the schedule of
+    :func:`dpfl.server.async_schedule.plan` (each local round it will run on the virtual clock;
+    on the real clock a plan, and the budget guard stops a client sent more work). ``dpfl
+    simulate`` checks every client's plan with this before the run starts."""
     q = min(cfg.data.batch_size / n_train, 1.0)
     f = cfg.federation
-    if f.calibration == "worst-case":
+    if f.mode == "async":
+        planned_rounds = max(1, _async_participations(cfg)[partition_id])
+    elif f.calibration == "worst-case":
         planned_rounds = f.rounds
     else:
         planned_rounds = max(1, math.ceil(f.rounds * _participation(cfg)))
     return q, planned_rounds * _local_steps(cfg, n_train)
+
+
+def _async_participations(cfg: Config) -> list[int]:
+    from dpfl.server.async_schedule import participations, plan
+
+    return participations(plan(cfg), cfg.federation.num_clients)
 
 
 def _participation(cfg: Config) -> float:
@@ -308,7 +318,7 @@ def _sample_level(
         if cfg.privacy.noise_multiplier is not None:
             sigma = cfg.privacy.noise_multiplier
         else:
-            q, planned = calibration_plan(cfg, len(train))
+            q, planned = calibration_plan(cfg, len(train), pid)
             sigma = calibrate_noise(
                 cfg.privacy.target_epsilon, cfg.privacy.delta, q, planned, cfg.privacy.accountant
             ).noise_multiplier

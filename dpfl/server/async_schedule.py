@@ -23,11 +23,31 @@ Schemes (the spec's table 4.3):
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import TYPE_CHECKING
 
-__all__ = ["SCHEMES", "Aggregation", "client_times", "schedule"]
+from dpfl.errors import ConfigError
+
+if TYPE_CHECKING:
+    from dpfl.config import Config
+
+__all__ = [
+    "MAX_AGGREGATIONS",
+    "SCHEMES",
+    "Aggregation",
+    "client_times",
+    "parse_speeds",
+    "participations",
+    "plan",
+    "plan_of",
+    "schedule",
+]
+
+#: a schedule with more aggregations than this is refused (it would not finish)
+MAX_AGGREGATIONS = 200_000
 
 SCHEMES = ("sync", "fedfix", "fedasync", "fedbuff")
 
@@ -41,20 +61,104 @@ def client_times(scenario: str, num_clients: int) -> list[float]:
     """tau_i of the spec's ``F-X`` model: ``1 - i (X / 100) / (M - 1)``; client 0 is the slowest
     (tau = 1), client M - 1 is X % faster. ``F-0``: every tau is 1."""
     if not scenario.startswith("F-"):
-        raise ValueError(f"client-speed scenario must be F-X (e.g. F-0, F-80), got {scenario!r}")
+        raise ConfigError(f"client-speed scenario must be F-X (e.g. F-0, F-80), got {scenario!r}")
     try:
         x = _exact(scenario[2:])
     except (ValueError, ZeroDivisionError):
-        raise ValueError(
+        raise ConfigError(
             f"client-speed scenario must be F-X with X a number, got {scenario!r}"
         ) from None
     if not 0 <= x < 100:
-        raise ValueError(f"{scenario}: X must be in [0, 100) (a client needs some time)")
+        raise ConfigError(f"{scenario}: X must be in [0, 100) (a client needs some time)")
     if num_clients < 1:
-        raise ValueError(f"need at least one client, got {num_clients}")
+        raise ConfigError(f"need at least one client, got {num_clients}")
     if num_clients == 1:
         return [1.0]
     return [float(1 - i * (x / 100) / (num_clients - 1)) for i in range(num_clients)]
+
+
+def parse_speeds(text: str, num_clients: int) -> list[float]:
+    """``federation.client-speeds``: ``F-X`` or one comma-separated time (> 0) per client."""
+    text = str(text).strip()
+    if text.startswith("F-"):
+        return client_times(text, num_clients)
+    try:
+        times = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise ConfigError(
+            f"federation.client-speeds must be F-X (e.g. F-80) or one comma-separated time per "
+            f"client, got {text!r}"
+        ) from None
+    if len(times) != num_clients:
+        raise ConfigError(
+            f"federation.client-speeds lists {len(times)} times for {num_clients} clients"
+        )
+    if not all(math.isfinite(t) and t > 0 for t in times):
+        raise ConfigError(f"federation.client-speeds: every time must be finite and > 0: {text!r}")
+    return times
+
+
+def plan(cfg: Config) -> list[Aggregation]:
+    """The schedule of an async run (``federation.mode = "async"``), from its config alone: the
+    server replays it, and each client computes from it how often it will train."""
+    f = cfg.federation
+    user_dp = cfg.privacy.enabled and cfg.privacy.level == "user"
+    return list(
+        plan_of(
+            f.async_scheme, f.client_speeds, f.num_clients, f.horizon, f.async_window,
+            f.async_buffer, f.async_weights, user_dp,
+        )
+    )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=8)
+def plan_of(
+    scheme: str,
+    speeds: str,
+    num_clients: int,
+    horizon: float,
+    window: float,
+    buffer: int,
+    weights: str,
+    user_dp: bool,
+) -> tuple[Aggregation, ...]:
+    """:func:`plan` from the config values it depends on (cached: the server and every client
+    of a run ask for the same schedule)."""
+    taus = parse_speeds(speeds, num_clients)
+    # an estimate before building it: every client returns about horizon / tau_i times
+    returns = sum(horizon / t for t in taus)
+    expected = {
+        "fedasync": returns,
+        "fedbuff": returns / max(1, buffer),
+        "fedfix": horizon / window,
+        "sync": horizon / max(taus),
+    }[scheme]
+    if expected > MAX_AGGREGATIONS:
+        raise ConfigError(
+            f"federation.horizon {horizon:g} gives about {expected:,.0f} aggregations (more "
+            f"than {MAX_AGGREGATIONS:,}): shorten it"
+        )
+    # under user-level DP each aggregation's noise covers c updates of weight 1 / c each
+    return tuple(
+        schedule(
+            scheme,
+            taus,
+            horizon,
+            dt=window,
+            buffer=buffer,
+            policy="identical" if user_dp else weights,
+        )
+    )
+
+
+def participations(aggregations: list[Aggregation], num_clients: int) -> list[int]:
+    """How many aggregations each client's update enters (= its local rounds: a client is only
+    sent work it returns within the horizon)."""
+    counts = [0] * num_clients
+    for a in aggregations:
+        for i in a.participants:
+            counts[i] += 1
+    return counts
 
 
 @dataclass(frozen=True)
@@ -93,24 +197,24 @@ def schedule(
     """
     m = len(taus)
     if m == 0:
-        raise ValueError("need at least one client")
+        raise ConfigError("need at least one client")
     tau = [_exact(t) for t in taus]
     if any(t <= 0 for t in tau):
-        raise ValueError(f"every client time must be > 0, got {taus}")
+        raise ConfigError(f"every client time must be > 0, got {taus}")
     end = _exact(horizon)
     if end <= 0:
-        raise ValueError(f"the horizon must be > 0, got {horizon}")
+        raise ConfigError(f"the horizon must be > 0, got {horizon}")
     p = [1.0 / m] * m if importances is None else [float(x) for x in importances]
     if len(p) != m or any(x < 0 for x in p):
-        raise ValueError("importances: one non-negative value per client")
+        raise ConfigError("importances: one non-negative value per client")
     if policy not in ("weight", "identical"):
-        raise ValueError(f"policy must be 'weight' or 'identical', got {policy!r}")
+        raise ConfigError(f"policy must be 'weight' or 'identical', got {policy!r}")
     if scheme == "sync":
         events = _sync(tau, end)
         return _finish(events, lambda i: p[i])
     if scheme == "fedfix":
         if dt is None or _exact(dt) <= 0:
-            raise ValueError(f"fedfix needs a window dt > 0, got {dt}")
+            raise ConfigError(f"fedfix needs a window dt > 0, got {dt}")
         window = _exact(dt)
         events = _fedfix(tau, end, window)
         return _finish(events, lambda i: math.ceil(tau[i] / window) * p[i])
@@ -122,7 +226,7 @@ def schedule(
         return _finish(events, lambda i: float(total * tau[i]) * p[i])
     if scheme == "fedbuff":
         if buffer is None or not 1 <= buffer <= m:
-            raise ValueError(f"fedbuff needs a buffer c in [1, {m}], got {buffer}")
+            raise ConfigError(f"fedbuff needs a buffer c in [1, {m}], got {buffer}")
         events = _buffered(tau, end, buffer)
         if policy == "identical":
             return _finish(events, lambda i: 1.0 / buffer)
@@ -133,7 +237,7 @@ def schedule(
         n = len(events)
         # a client in no aggregation gets no weight (it never contributes)
         return _finish(events, lambda i: p[i] / (counts[i] / n) if counts[i] else 0.0)
-    raise ValueError(f"unknown scheme {scheme!r}; one of {', '.join(SCHEMES)}")
+    raise ConfigError(f"unknown scheme {scheme!r}; one of {', '.join(SCHEMES)}")
 
 
 _Event = tuple[Fraction, list[int], list[int]]  # (time, participants, sent versions)

@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from dpfl.accountants import PrivacyLedger, calibrate_noise
@@ -37,14 +36,8 @@ from dpfl.clients.federated import client_datasets
 from dpfl.clients.monitor import StopTraining, TrainingMonitor
 from dpfl.config import Config
 from dpfl.errors import PrivacyBudgetError
-from dpfl.federation_messages import (
-    DIAGNOSTIC_METRICS,
-    HISTORY,
-    ROUND,
-    decode_phases,
-    encode_phases,
-)
-from dpfl.server.aggregation import check_state
+from dpfl.federation_messages import DIAGNOSTIC_METRICS
+from dpfl.server.replies import ParsedReply, parse_reply, record_spent, train_message
 from dpfl.server.strategies import Reply, create_strategy
 from dpfl.store import UNCOVERED_PREFIX, RunHandle
 from dpfl.tasks import Task, get_task
@@ -59,6 +52,7 @@ class ResumeState:
     strategy_state: dict[str, Any]
     participants: dict[int, str]
     events: list[dict[str, Any]]
+    extra: dict[str, Any] | None = None  # the async loop's own state (dpfl.server.async_loop)
 
 
 @dataclass
@@ -123,7 +117,12 @@ def run_rounds(
     resume: ResumeState | None = None,
     on_round: Callable[[int, dict[str, float]], None] | None = None,
 ) -> FederationResult:
-    """Runs the configured rounds on ``grid``; records everything to ``run``."""
+    """Runs the configured rounds on ``grid``; records everything to ``run``. With
+    ``federation.mode = "async"``, runs :func:`dpfl.server.async_loop.run_async` instead."""
+    if cfg.federation.mode == "async":
+        from dpfl.server.async_loop import run_async
+
+        return run_async(grid, cfg, run, resume=resume, on_round=on_round)
     start_time = time.perf_counter()
     torch.manual_seed(cfg.seed)
     task = get_task(cfg)
@@ -168,24 +167,18 @@ def run_rounds(
         if not sampled:
             _end(run, r, "skipped", info | {"reason": "no client sampled"})
             continue
-        messages = []
-        for n in sampled:
-            extra = {ROUND: r, **strategy.client_config()}
-            who = participants.get(n)
-            if who is not None and cfg.privacy.enabled and not user_dp:
-                extra[HISTORY] = encode_phases(ledger.history(who))
-            content = RecordDict(
-                {"arrays": ArrayRecord(global_state), "config": ConfigRecord(flat_config | extra)}
+        messages = [
+            train_message(
+                global_state,
+                flat_config,
+                strategy.client_config(),
+                n,
+                r,
+                history=_known_history(cfg, ledger, participants.get(n)),
+                ttl=cfg.federation.reply_timeout,
             )
-            messages.append(
-                Message(
-                    content,
-                    dst_node_id=n,
-                    message_type=MessageType.TRAIN,
-                    group_id=str(r),
-                    ttl=cfg.federation.reply_timeout,
-                )
-            )
+            for n in sampled
+        ]
         replies = {
             m.metadata.src_node_id: m
             for m in grid.send_and_receive(messages, timeout=cfg.federation.reply_timeout)
@@ -193,14 +186,14 @@ def run_rounds(
         reference = strategy.reply_reference(global_state, cfg)
         valid: list[Reply] = []
         for n in sampled:
-            reply, reason = _validate(n, replies.get(n), reference, ledger, participants, r)
-            if reason is not None:
+            parsed = accept_reply(n, replies.get(n), reference, ledger, participants, r)
+            if parsed.reason is not None:
                 info["dropped"].append(
-                    {"node": n, "participant": participants.get(n), "reason": reason}
+                    {"node": n, "participant": participants.get(n), "reason": parsed.reason}
                 )
-                drops[reason] = drops.get(reason, 0) + 1
+                drops[parsed.reason] = drops.get(parsed.reason, 0) + 1
             else:
-                valid.append(reply)
+                valid.append(parsed.reply)
         if run is not None and cfg.federation.client_diagnostics:
             _record_diagnostics(run, r, valid)
         if user_dp and len(valid) < len(sampled):
@@ -313,39 +306,19 @@ def _end(run: RunHandle | None, r: int, status: str, info: dict[str, Any]) -> No
         run.end_round(r, status, info)
 
 
-def _validate(node, reply, reference, ledger, participants, server_round):
-    """(Reply, None) for a usable reply, else (None, reason). Privacy spent is recorded first."""
-    if reply is None:
-        return None, "no reply (timeout or lost)"
-    if reply.has_error():
-        return None, f"client error: {reply.error.reason}"
-    content = reply.content
-    meta = content.config_records.get("dpfl")
-    if meta is None:
-        return None, "malformed reply: no dpfl record"
-    who = str(meta.get("participant", f"node-{node}"))
-    participants[node] = who
-    try:
-        phases = decode_phases(str(meta.get("phases", "[]")))
-    except (ValueError, TypeError) as e:
-        return None, f"malformed privacy report: {e}"
-    for ph in phases:  # durable before the update is used, even if the update is then dropped
-        ledger.record(who, ph.noise_multiplier, ph.sample_rate, ph.steps, round=server_round)
-    if meta.get("status") == "budget-exhausted":
-        return None, "privacy budget spent: client stopped training"
-    if "arrays" not in content.array_records:
-        return None, "malformed reply: no arrays"
-    try:
-        state = content.array_records["arrays"].to_torch_state_dict()
-    except Exception as e:  # noqa: BLE001 - any decoding failure is a malformed reply
-        return None, f"malformed arrays: {e}"
-    reason = check_state(reference, state)
-    if reason is not None:
-        return None, reason
-    metrics = {
-        k: float(v)
-        for k, v in content.metric_records.get("metrics", {}).items()
-        if isinstance(v, int | float)
-    }
-    n = int(metrics.get("num-examples", 1))
-    return Reply(node, who, state, n, metrics), None
+def _known_history(cfg: Config, ledger: PrivacyLedger, who: str | None):
+    """The privacy history the server recorded for client ``who`` (sample-level DP only)."""
+    user_dp = cfg.privacy.level == "user"
+    if who is None or not cfg.privacy.enabled or user_dp:
+        return None
+    return ledger.history(who)
+
+
+def accept_reply(node, message, reference, ledger, participants, server_round) -> ParsedReply:
+    """Parses a reply, remembers who the node is, and records the privacy it reports before
+    anything of it is used (also when its update is then dropped)."""
+    parsed = parse_reply(node, message, reference)
+    if parsed.participant is not None:
+        participants[node] = parsed.participant
+    record_spent(ledger, parsed, server_round)
+    return parsed

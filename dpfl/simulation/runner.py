@@ -60,6 +60,7 @@ def resume_state(
         strategy_state=ck["strategy"],
         participants={int(k): v for k, v in ck["participants"].items()},
         events=events,
+        extra=ck.get("async"),
     )
 
 

@@ -3,7 +3,9 @@
 Reads only the exported run document (:func:`dpfl.store.run_to_dict`), so it plots any run kind.
 
 * The x axis is the run's own unit: ``epoch`` for ``train`` (metrics logged per epoch; the ledger
-  as expected passes over the data, noisy steps x sample rate), ``round`` for ``simulate``.
+  as expected passes over the data, noisy steps x sample rate), ``round`` for ``simulate``, and
+  for an asynchronous federation the time of each aggregation (its ``virtual-time``, or ``time``
+  in seconds on the real clock), for the metrics and the ledger alike.
 * Values recorded without a position (``train``'s ``final`` scope) are a marker at the end of
   training on their metric's panel, or a line of text when the metric has no series.
 * A metric whose value never changes is a line of text, not a panel.
@@ -155,6 +157,15 @@ def _epsilon_histories(
                 pts[i][1] = _recomputed(phases[who][:n], accountant, delta, cache)
         out[who] = [(p[0], p[1]) for p in pts if p[1] is not None]
     return out
+
+
+def _aggregation_times(rows: list[dict[str, Any]]) -> tuple[str | None, dict[int, float]]:
+    """(the clock's metric name, aggregation -> time) of an async federation, else (None, {})."""
+    for clock in ("virtual-time", "time"):
+        times = {m["round"]: m["value"] for m in rows if m["name"] == clock and m["round"]}
+        if times:
+            return clock, times
+    return None, {}
 
 
 def _recomputed(history, accountant: str, delta: float, cache: dict) -> float | None:
@@ -367,6 +378,19 @@ def build_figure(data: dict[str, Any], metrics: list[str] | None = None):
     rows = [m for m in data["metrics"] if metrics is None or m["name"] in metrics]
     if events:
         rows = [m for m in rows if m["name"] not in EPSILON_METRICS]
+    clock, time_of = (
+        _aggregation_times(data["metrics"]) if run["kind"] == "simulate" else (None, {})
+    )
+    if time_of:  # async federation: everything against the time of its aggregation
+        x_label = eps_x = "simulated time" if clock == "virtual-time" else "time (s)"
+        rows = [
+            m | {"round": time_of.get(m["round"], m["round"])}
+            for m in rows
+            if m["name"] != clock and m["round"] is not None
+        ]
+        histories = {
+            who: [(time_of.get(x, x), y) for x, y in pts] for who, pts in histories.items()
+        }
     collected = _collect(rows)
     order = sorted(
         collected,
@@ -383,7 +407,9 @@ def build_figure(data: dict[str, Any], metrics: list[str] | None = None):
         if metric.series and not _same(metric.values()):
             panels.append(metric)
         else:
-            notes.append(_note(metric, "step" if metric.by_step else x_label))
+            notes.append(
+                _note(metric, "step" if metric.by_step else "aggregation" if time_of else x_label)
+            )
     n_axes = len(panels) + (1 if histories else 0)
     if not n_axes and not notes:
         raise ConfigError(f"run {run['id']} has nothing to plot (no metrics, no privacy events)")
@@ -411,7 +437,7 @@ def build_figure(data: dict[str, Any], metrics: list[str] | None = None):
         if leader is not ax:
             ax.sharex(leader)
     for ax in drawn:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=not time_of))
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="best")
         ax.grid(alpha=0.3)

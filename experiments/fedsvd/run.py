@@ -128,15 +128,18 @@ def write_results(rows: list[dict]) -> dict:
 
 
 def queue() -> list[tuple[str, str, str, int]]:
-    """Every (strategy, setting, partition, seed) in priority order: seed 0 of every cell first
-    (Dirichlet, then natural), then the other seeds."""
-    return [
+    """Every (strategy, setting, partition, seed) in priority order: the private Dirichlet cells
+    (the paper's claim) at all seeds first, then seed 0 of every other cell, then the rest."""
+    every = [
         (s, setting, p, seed)
         for seed in (0, 1, 2)
         for p in PARTITIONS
         for setting in SETTINGS
         for s in STRATEGIES
     ]
+    first = [j for j in every if j[2] == "dirichlet" and j[1] != "nonprivate"]
+    second = [j for j in every if j not in first and j[3] == 0]
+    return first + second + [j for j in every if j not in first and j not in second]
 
 
 def _claim_next() -> tuple[str, str, str, int] | None:

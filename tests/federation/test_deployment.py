@@ -33,11 +33,10 @@ def wait_for_port(port: int, timeout: float = 60.0) -> None:
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(shutil.which("flower-superlink") is None, reason="flwr CLI not installed")
-def test_two_supernodes_run_two_rounds_of_the_dpfl_app(tmp_path):
-    # Prepare: a SuperLink connection in a private FLWR_HOME, SuperLink + 2 SuperNodes on loopback
-    link, node_ports = free_port(), [free_port(), free_port()]
+def run_on_deployment_engine(tmp_path, node_configs: list[str], run_config: str) -> Path:
+    """A SuperLink and one SuperNode per node config on 127.0.0.1, then ``flwr run`` of the
+    dpfl app with ``run_config``; returns the run store."""
+    link, node_ports = free_port(), [free_port() for _ in node_configs]
     home = tmp_path / "flwr-home"
     home.mkdir()
     (home / "config.toml").write_text(
@@ -73,7 +72,7 @@ def test_two_supernodes_run_two_rounds_of_the_dpfl_app(tmp_path):
     ]
     try:
         wait_for_port(link)
-        for i, port in enumerate(node_ports):
+        for node_config, port in zip(node_configs, node_ports, strict=True):
             procs.append(
                 start(
                     "flower-supernode",
@@ -85,27 +84,19 @@ def test_two_supernodes_run_two_rounds_of_the_dpfl_app(tmp_path):
                     "--port",
                     str(port),
                     "--node-config",
-                    f"partition-id={i} num-partitions=2",
+                    node_config,
                 )
             )
         # Execute
         run = subprocess.run(
-            [
-                "flwr",
-                "run",
-                str(ROOT),
-                "test",
-                "--stream",
-                "--run-config",
-                "data.name='digits' federation.num-clients=2 federation.rounds=2 "
-                "federation.local-steps=2 data.batch-size=32",
-            ],
+            ["flwr", "run", str(ROOT), "test", "--stream", "--run-config", run_config],
             env=env,
             capture_output=True,
             text=True,
             timeout=400,
         )
         assert run.returncode == 0, run.stdout + run.stderr
+        (tmp_path / "flwr-run.log").write_text(run.stdout + run.stderr)
     finally:
         for p in procs:
             with contextlib.suppress(ProcessLookupError):
@@ -117,12 +108,65 @@ def test_two_supernodes_run_two_rounds_of_the_dpfl_app(tmp_path):
                 os.killpg(p.pid, signal.SIGKILL)
         for log in logs:
             log.close()
+    return store
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("flower-superlink") is None, reason="flwr CLI not installed")
+def test_two_supernodes_run_two_rounds_of_the_dpfl_app(tmp_path):
+    store = run_on_deployment_engine(
+        tmp_path,
+        [f"partition-id={i} num-partitions=2" for i in range(2)],
+        "data.name='digits' federation.num-clients=2 federation.rounds=2 "
+        "federation.local-steps=2 data.batch-size=32",
+    )
     # Assert: `flwr run` exit status is not trusted (flwrlabs/flower#7953): check the store
     with RunStore(store) as s:
         (row,) = s.list_runs()
         assert row["status"] == "completed" and row["summary"]["rounds"] == 2
         assert {e["participant"] for e in s.privacy_events(row["id"])} == {"client-0", "client-1"}
         assert [r["status"] for r in s.rounds(row["id"])] == ["completed", "completed"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("flower-superlink") is None, reason="flwr CLI not installed")
+def test_async_fedbuff_on_supernodes_of_different_speeds_aggregates_in_arrival_order(tmp_path):
+    # Prepare: two fast nodes and one that replies SLOW seconds late; FedBuff with c = 2 on the
+    # real clock, sample-level DP
+    slow = 12
+    store = run_on_deployment_engine(
+        tmp_path,
+        [
+            "partition-id=0 num-partitions=3",
+            "partition-id=1 num-partitions=3",
+            f"partition-id=2 num-partitions=3 delay-seconds={slow}",
+        ],
+        "data.name='digits' federation.num-clients=3 federation.local-steps=2 "
+        "data.batch-size=32 privacy.target-epsilon='none' privacy.noise-multiplier=1.0 "
+        "federation.mode='async' "
+        "federation.async-scheme='fedbuff' federation.async-buffer=2 "
+        "federation.async-weights='identical' federation.clock='real' "
+        f"federation.horizon={slow + 30}",  # a fresh ClientApp process per message: ~15 s
+    )
+    with RunStore(store) as s:
+        (row,) = s.list_runs()
+        rounds = s.rounds(row["id"])
+        events = s.privacy_events(row["id"])
+    assert row["status"] == "completed", row
+    infos = [r["info"] for r in rounds]
+    times = [i["time"] for i in infos]
+    # Assert: aggregations in time order, c = 2 replies each; the two fast nodes fill the first
+    # buffers while the slow node is still out
+    assert times == sorted(times) and all(len(i["participants"]) == 2 for i in infos)
+    assert sorted(infos[0]["participants"]) == ["client-0", "client-1"]
+    with_slow = [(k, i) for k, i in enumerate(infos, start=1) if "client-2" in i["participants"]]
+    assert len(with_slow) >= 1 and with_slow[0][0] >= 2, infos
+    # its reply was computed on the initial model: stale by every aggregation before it
+    k, info = with_slow[0]
+    assert info["staleness"][info["participants"].index("client-2")] == k - 1
+    assert info["time"] >= slow
+    # every reply's privacy is on record, each client's under its own name
+    assert {e["participant"] for e in events} == {"client-0", "client-1", "client-2"}
 
 
 @pytest.mark.slow
