@@ -22,6 +22,7 @@ one is set. Setting one of them (in a file or with ``--set``) unsets the other, 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 import types
@@ -133,7 +134,10 @@ def describe_fields() -> list[dict[str, Any]]:
     return rows
 
 
+@functools.cache
 def _field_types(cls) -> dict[str, Any]:
+    """The resolved annotations of a section class (cached: every client message parses the
+    whole config, and resolving them is most of that cost). Callers must not mutate it."""
     return typing.get_type_hints(cls)
 
 

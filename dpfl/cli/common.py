@@ -196,14 +196,33 @@ def round_reporter(cfg, metric: str = "accuracy", traffic: bool = False):
             eps_text = f"  epsilon max {shown}" if cfg.privacy.enabled else ""
             moved = row.get("bytes-down", 0) + row.get("bytes-up", 0)
             bytes_text = f"  {int(moved):,} bytes" if traffic else ""
+            total = planned_rounds(cfg)
+            if cfg.federation.mode == "async":  # one line per evaluated aggregation
+                clock = row.get("virtual-time", row.get("time", math.nan))
+                where = f"aggregation {r}/{total if total else '?'}  t {clock:.2f}"
+            else:
+                where = f"round {r}/{total}"
             report.line(
-                f"round {r}/{cfg.federation.rounds}  {metric} {row[metric]:.4f}  "
+                f"{where}  {metric} {row[metric]:.4f}  "
                 f"loss {row['loss']:.4f}  clients {int(row['clients'])}{bytes_text}{eps_text}"
             )
 
         return on_round
 
     return {short: "-", "eps": "-"}, make
+
+
+def planned_rounds(cfg) -> int | None:
+    """Rounds of a sync federation; aggregations of an async one on the virtual clock (its
+    schedule); None on the real clock (arrival-driven)."""
+    f = cfg.federation
+    if f.mode != "async":
+        return f.rounds
+    if f.clock == "real":
+        return None
+    from dpfl.server.async_schedule import plan
+
+    return len(plan(cfg))
 
 
 def epsilon_summary(cfg, eps: dict[str, float]) -> tuple[float, float]:

@@ -21,6 +21,7 @@ from dpfl.cli.common import (
     fail,
     fmt_eps,
     load_run_config,
+    planned_rounds,
     progress_reporter,
     round_reporter,
 )
@@ -76,9 +77,10 @@ def simulate(
             check_simulate(cfg, explicit)  # refused before the run exists in the store
             run = s.create_run("simulate", cfg.to_dict(), name=cfg.name, seed=cfg.seed)
         fields, make_on_round = round_reporter(cfg)
-        with s.tracking(run), progress_reporter("round", fields, as_json) as report:
+        unit = "aggregation" if cfg.federation.mode == "async" else "round"
+        with s.tracking(run), progress_reporter(unit, fields, as_json) as report:
             first = 0 if state is None else state.round
-            report.update(total=cfg.federation.rounds, completed=first)
+            report.update(total=planned_rounds(cfg), completed=first)
             on_round = make_on_round(report)
             result = run_simulation(cfg, run, resume=state, on_round=on_round)
         eps = result.epsilon
@@ -129,7 +131,14 @@ def _table(cfg, run_id: str, result, summary) -> None:
     table.add_column("value", justify="right")
     table.add_row("test accuracy (server held-out)", f"{result.accuracy:.4f}")
     table.add_row("test loss", f"{result.loss:.4f}")
-    table.add_row("rounds", f"{result.rounds_completed} of {f.rounds} ({result.stopped})")
+    if f.mode == "async":
+        total = planned_rounds(cfg)
+        table.add_row(
+            f"aggregations ({f.async_scheme}, {f.clock} clock, horizon {f.horizon:g})",
+            f"{result.rounds_completed} of {total if total else '?'} ({result.stopped})",
+        )
+    else:
+        table.add_row("rounds", f"{result.rounds_completed} of {f.rounds} ({result.stopped})")
     table.add_row("privacy", summary["privacy"])
     if cfg.privacy.enabled:
         who = "server (user-level)" if cfg.privacy.level == "user" else "per client, max / median"

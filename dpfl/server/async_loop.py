@@ -56,7 +56,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from flwr.app import Message
+from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
 
 from dpfl.accountants import Phase, PrivacyLedger, calibrate_noise
@@ -155,7 +155,7 @@ class _Server:
         self.history: list[dict[str, float]] = []
         self.drops: dict[str, int] = {}
         self.stopped, self.message = "completed", None
-        self.last_eval_time = -math.inf
+        self.last_eval_time: float | None = None
         if resume is not None:
             extra = resume.extra or {}
             if "versions" not in extra:
@@ -163,7 +163,7 @@ class _Server:
             self.state, self.version = resume.global_state, resume.round
             self.versions = dict(extra["versions"])
             self.retired = set(extra.get("retired", []))
-            self.last_eval_time = float(extra.get("time", -math.inf))
+            self.last_eval_time = extra.get("time")
             self.generator.set_state(extra["generator"])
             self.participants = dict(resume.participants)
             restored = PrivacyLedger.from_events(resume.events, p.accountant, p.delta)
@@ -199,7 +199,7 @@ class _Server:
         nodes = [n for n in nodes if n not in self.retired]
         if not nodes:
             return
-        state = self.versions[version]
+        state = ArrayRecord(self.versions[version])  # one record for all of them
         messages = [
             train_message(
                 state,
@@ -360,11 +360,7 @@ class _Server:
         self.state = new_state
         self.versions[index] = new_state
         interval = self.cfg.federation.eval_interval
-        due = (
-            last
-            or interval == 0
-            or math.floor(at / interval) > math.floor(self.last_eval_time / interval)
-        )
+        due = last or eval_due(at, self.last_eval_time, interval)
         used = len(info["participants"]) - len(info["dropped"])
         row: dict[str, float] = {
             "virtual-time" if self.aggregations is not None else "time": at,
@@ -437,6 +433,14 @@ class _Server:
 
     def should_stop(self) -> bool:
         return self.stopped != "completed"
+
+
+def eval_due(at: float, last_eval: float | None, interval: float) -> bool:
+    """Whether an aggregation at time ``at`` is evaluated: every aggregation (interval 0), else
+    the first one in each interval of time after the last evaluation's (None: none yet)."""
+    if interval == 0 or last_eval is None:
+        return True
+    return math.floor(at / interval) > math.floor(last_eval / interval)
 
 
 def _nbytes(state: State) -> int:

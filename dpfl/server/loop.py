@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
 from dpfl.accountants import PrivacyLedger, calibrate_noise
@@ -167,9 +168,10 @@ def run_rounds(
         if not sampled:
             _end(run, r, "skipped", info | {"reason": "no client sampled"})
             continue
+        arrays = ArrayRecord(global_state)  # one record for every sampled client
         messages = [
             train_message(
-                global_state,
+                arrays,
                 flat_config,
                 strategy.client_config(),
                 n,

@@ -24,7 +24,7 @@ __all__ = ["ParsedReply", "parse_reply", "record_spent", "train_message"]
 
 
 def train_message(
-    global_state: State,
+    global_state: State | ArrayRecord,
     flat_config: dict[str, Any],
     extra: dict[str, Any],
     node: int,
@@ -33,14 +33,16 @@ def train_message(
     history: list[Phase] | None = None,
     ttl: float | None = None,
 ) -> Message:
-    """The TRAIN message to ``node``: the model, the run config, the round (the client's seed
-    depends on it), the strategy's per-round values (``extra``) and, for a client the server has
-    heard from under sample-level DP, its recorded privacy history (so a restarted client
-    process keeps one accountant for the whole run)."""
+    """The TRAIN message to ``node``: the model (a state, or its ArrayRecord), the run
+    config, the round (the client's seed depends on it), the strategy's per-round values
+    (``extra``) and, for a client the server has heard from under sample-level DP, its recorded
+    privacy history (so a restarted client process keeps one accountant for the whole run)."""
     config = flat_config | {ROUND: server_round, **extra}
     if history is not None:
         config[HISTORY] = encode_phases(history)
-    content = RecordDict({"arrays": ArrayRecord(global_state), "config": ConfigRecord(config)})
+    # one ArrayRecord may serve every message of a round (records are read, never mutated)
+    arrays = global_state if isinstance(global_state, ArrayRecord) else ArrayRecord(global_state)
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord(config)})
     return Message(
         content,
         dst_node_id=node,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -31,6 +32,9 @@ import torch
 
 from dpfl.config import load_config
 from dpfl.simulation.runner import simulate
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from run_queue import RunQueue  # noqa: E402
 
 HERE = Path(__file__).parent
 DEFAULTS = HERE.parent.parent / "dpfl" / "defaults" / "finetune-text.toml"
@@ -92,21 +96,20 @@ def run_one(strategy: str, setting: str, partition: str, seed: int, extra=()) ->
     return row
 
 
+def _key(row: dict):
+    return None if row.get("overrides") else (
+        row["strategy"], row["setting"], row["partition"], row["seed"])  # fmt: skip
+
+
+RUNS = RunQueue(HERE, _key)
+
+
 def _runs() -> list[dict]:
-    path = HERE / "runs.json"
-    return json.loads(path.read_text()) if path.exists() else []
+    return RUNS.rows()
 
 
 def _append(row: dict) -> None:
-    import fcntl
-
-    print(json.dumps(row), flush=True)
-    with open(HERE / ".runs.lock", "w") as lock:  # two --queue workers may finish together
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        rows = _runs()
-        rows.append(row)
-        (HERE / "runs.json").write_text(json.dumps(rows, indent=1) + "\n")
-        write_results(rows)
+    RUNS.append(row, write_results)
 
 
 def write_results(rows: list[dict]) -> dict:
@@ -143,23 +146,8 @@ def queue() -> list[tuple[str, str, str, int]]:
 
 
 def _claim_next() -> tuple[str, str, str, int] | None:
-    """The first queued run neither done nor claimed by another --queue worker (claims in
-    .claims.json; delete it to re-run what a killed worker had claimed)."""
-    import fcntl
-
-    claims_path = HERE / ".claims.json"
-    with open(HERE / ".runs.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        claims = (
-            [tuple(c) for c in json.loads(claims_path.read_text())] if claims_path.exists() else []
-        )
-        done = {(r["strategy"], r["setting"], r["partition"], r["seed"])
-                for r in _runs() if not r.get("overrides")}  # fmt: skip
-        for job in queue():
-            if job not in done and job not in claims:
-                claims_path.write_text(json.dumps([*claims, job]))
-                return job
-    return None
+    """The first queued run neither done nor claimed by another --queue worker."""
+    return RUNS.claim_next(queue())
 
 
 def table() -> None:

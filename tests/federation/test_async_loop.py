@@ -406,3 +406,41 @@ def test_checkpoint_keeps_only_the_versions_clients_still_hold(store_path):
         ck = torch.load(io.BytesIO(blob), weights_only=False)
         assert 1 <= len(ck["async"]["versions"]) <= 4  # at most one per client (and the current)
     assert len(blobs) == len(plan(cfg))  # eval-interval 0: one checkpoint per aggregation
+
+
+# -- the command line ------------------------------------------------------------------------------
+def test_dpfl_simulate_runs_an_async_federation_and_plots_it_against_virtual_time(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from dpfl.cli.main import app
+
+    store = tmp_path / "runs.sqlite"
+    sets = [*BASE, "privacy.target-epsilon=4.0", *ASYNC, "federation.async-scheme='fedbuff'",
+            "federation.async-buffer=2", "federation.client-speeds='F-80'",
+            "federation.horizon=1.5"]  # fmt: skip
+    args = ["simulate", "--json", "--store", str(store)]
+    for s in sets:
+        args += ["--set", s]
+    out = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert out.exit_code == 0, out.output
+    summary = json.loads(out.stdout)
+    cfg = cfg_with(*sets[len(BASE) :])
+    assert summary["rounds"] == len(plan(cfg)) and max(summary["epsilon"].values()) <= 4.0
+    plot = tmp_path / "async.png"
+    drawn = CliRunner().invoke(
+        app, ["runs", "plot", summary["run"][:8], "--store", str(store), "--output", str(plot)]
+    )
+    assert drawn.exit_code == 0, drawn.output
+    assert plot.stat().st_size > 10_000
+    from dpfl.store import run_to_dict
+    from dpfl.store.plot import build_figure
+
+    with RunStore(store) as s:
+        fig = build_figure(run_to_dict(s, summary["run"]))
+    labels = {ax.get_xlabel() for ax in fig.axes if ax.get_xlabel()}
+    assert labels == {"simulated time"}
+    accuracy_ax = next(ax for ax in fig.axes if ax.get_ylabel() == "accuracy")
+    xs = list(accuracy_ax.get_lines()[0].get_xdata())
+    assert xs == [a.time for a in plan(cfg)]  # each evaluation at its aggregation's time
