@@ -11,7 +11,6 @@ import math
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
 
 from dpfl.accountants import Phase, compute_epsilon
 from dpfl.clients.client_app import train as dpfl_train
@@ -23,6 +22,7 @@ from dpfl.simulation.inprocess import InProcessGrid
 from dpfl.simulation.runner import resume_state, simulate
 from dpfl.store import RunStore
 from dpfl.tasks import get_task
+from tests.federation.test_simulation import _wrapped
 
 BASE = [
     "data.name='digits'",
@@ -35,16 +35,6 @@ ASYNC = ["federation.mode='async'"]
 
 def cfg_with(*extra):
     return load_config(None, [*BASE, *extra])
-
-
-def _wrapped(fn):
-    app = ClientApp()
-
-    @app.train()
-    def train(msg: Message, context):
-        return fn(msg, context)
-
-    return app
 
 
 def _run(store_path, cfg, app=None, **kwargs):

@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
+import types
 from collections.abc import Callable
 
 import pytest
@@ -209,10 +211,12 @@ def test_a_history_that_differs_from_the_clients_own_does_not_lift_its_budget(
 def test_a_peer_that_reports_cheap_steps_under_an_honest_clients_name_lifts_no_budget(
     store_path, monkeypatch
 ):
-    """Client 3 replies as 'client-0' with a million near-free steps (noise multiplier 1e4):
-    the server's copy of client-0's history then has more steps than client-0's own, but it
-    still holds every phase client-0 reported, so client-0's guard counts all it spent."""
-    cfg = cfg_with(f"privacy.target-epsilon={TARGET}", *SCHEMES["fedasync"], "federation.horizon=2")
+    """Client 3 replies as 'client-0' with a million near-free steps (noise multiplier 1e4),
+    in the same aggregations as client-0 (sync scheme: so the fake phase is the last one the
+    server recorded for 'client-0' when client-0 is sent work): the server's copy of client-0's
+    history then has more steps than client-0's own, but it still holds every phase client-0
+    reported, so client-0's guard counts all it spent."""
+    cfg = cfg_with(f"privacy.target-epsilon={TARGET}", *SCHEMES["sync"], "federation.horizon=2")
     planned = participations(plan(cfg), 4)
     replayed = _longer_plan(monkeypatch, cfg, 4.0)
     spy = Spy()
@@ -241,15 +245,24 @@ def test_a_peer_that_reports_cheap_steps_under_an_honest_clients_name_lifts_no_b
     assert statuses[-1] == "budget-exhausted" and statuses.count("budget-exhausted") == 1
 
 
-def test_real_clock_clients_that_train_more_often_than_planned_stop_on_their_budget(store_path):
-    # replies are instant in process: every client is back far more often than the virtual
-    # schedule of the same horizon (its calibration) says
+def test_real_clock_clients_that_train_more_often_than_planned_stop_on_their_budget(
+    store_path, monkeypatch
+):
+    # the real-clock loop on a clock that advances 10 ms per reading (no sleeps): replies are
+    # instant in process, so every client is back far more often than the virtual schedule of
+    # the same horizon (its calibration) says, whatever the machine's load
+    ticks = iter(range(10**9))
+    clock = types.SimpleNamespace(
+        monotonic=lambda: next(ticks) * 0.01, sleep=lambda s: None, perf_counter=time.perf_counter
+    )
+    monkeypatch.setattr(async_loop, "time", clock)
     cfg = cfg_with(
         f"privacy.target-epsilon={TARGET}", *SCHEMES["fedasync"], "federation.clock='real'",
         "federation.async-weights='identical'", "federation.horizon=1.5",
     )  # fmt: skip
     spy = Spy()
-    result, _, _, events, _ = _run(store_path, cfg, spy.app())
+    result, _, rounds, events, _ = _run(store_path, cfg, spy.app())
+    assert len(rounds) >= 10
     planned = participations(plan(cfg), 4)
     sent = [sum(1 for pid, _ in spy.log if pid == i) for i in range(4)]
     _assert_stopped_by_its_guard(spy, planned, sent, result, events)
